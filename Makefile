@@ -1,0 +1,43 @@
+# Nightly card-fraud pipeline. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYTHONPATH := $(CURDIR)
+export PYSPARK_PYTHON := $(CURDIR)/$(PY)
+export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(PY)
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test test-fast lint run up bench quality clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	set -o pipefail; $(PY) -m pip install -q --upgrade pip 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	set -o pipefail; $(PY) -m pip install -q -r requirements.txt -c constraints.txt 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	touch $(STAMP)
+
+venv: $(STAMP) ## create .venv and install the pinned requirements (only when missing or changed)
+
+test: $(STAMP) ## install if needed, then run the whole test suite
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP) ## the suite without the slow (Airflow scheduler, S3 server) tests
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP) ## ruff
+	$(PY) -m ruff check .
+
+run: $(STAMP) ## the main job: demo lake, then the nightly pipeline for one date (DATE=YYYY-MM-DD)
+	$(PY) -m jobs.demo $(if $(DATE),--date $(DATE))
+
+bench: $(STAMP) ## benchmarks (prints tables, writes bench/RESULTS.md)
+	$(PY) -m bench
+
+clean: ## remove the demo lake and run state (keeps .venv)
+	rm -rf .lake .airflow .work spark-warehouse metastore_db derby.log

