@@ -285,6 +285,12 @@ class Lake:
         self.write_bytes(target, buf.getvalue())
         return target
 
+    def unmark_landing_done(self, day: date) -> None:
+        """Withdraw day D's ``_SUCCESS`` before its landing files are rewritten."""
+        path = posixpath.join(self.partition_path(Dataset.LANDING, day), SUCCESS)
+        if self.exists(path):
+            self.fs.delete_file(path)
+
     def mark_landing_done(self, day: date) -> None:
         self.write_bytes(posixpath.join(self.partition_path(Dataset.LANDING, day), SUCCESS), b"")
 
