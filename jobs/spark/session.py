@@ -9,6 +9,7 @@ timestamps (TIMESTAMP_NTZ) keep their wall-clock meaning everywhere.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import date
@@ -39,6 +40,8 @@ def spark_schema(schema: pa.Schema) -> T.StructType:
 
 def get_spark(app_name: str) -> SparkSession:
     cfg = settings()
+    # A plain `python jobs/spark/x.py`: Python workers use this interpreter (its venv), not `python3`.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = (
         SparkSession.builder.appName(app_name)
         .config("spark.sql.session.timeZone", "UTC")

@@ -1,0 +1,253 @@
+"""Run Airflow locally on 127.0.0.1 (SQLite metadata, LocalExecutor): for `make up`, the demo and tests.
+
+``LocalAirflow(home)`` builds the environment (DAGs and plugins of this repo, the lake, a
+``spark_default`` connection to ``local[2]``, a ``gpu`` pool, simple-auth user ``admin``), migrates
+the metadata database once, starts the components as child processes and talks to the REST API
+(``/api/v2``, JWT from ``/auth/token``). Only standard-library imports: it drives the ``airflow``
+CLI, it does not import Airflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ADMIN_USER = "admin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalAirflow:
+    def __init__(
+        self,
+        home: Path,
+        lake_uri: str,
+        port: int | None = None,
+        parallelism: int = 2,
+        extra_env: dict[str, str] | None = None,
+        password: str | None = None,
+    ):
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.password = password or secrets.token_urlsafe(12)
+        self.procs: dict[str, subprocess.Popen] = {}
+        bin_dir = Path(sys.executable).parent
+        passwords = self.home / "passwords.json"
+        passwords.write_text(json.dumps({ADMIN_USER: self.password}))
+        secret_file = self.home / "secret.key"
+        if not secret_file.exists():
+            secret_file.write_text(secrets.token_urlsafe(32))
+        secret = secret_file.read_text()
+        self.env = {
+            **os.environ,
+            "AIRFLOW_HOME": str(self.home),
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+            "PYSPARK_PYTHON": sys.executable,
+            "PYSPARK_DRIVER_PYTHON": sys.executable,
+            "FRAUD_LAKE_URI": lake_uri,
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": str(parallelism),
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+            "AIRFLOW__API__BASE_URL": self.url,
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__SECRET_KEY": secret,
+            "AIRFLOW__API_AUTH__JWT_SECRET": secret,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+            "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
+            **(extra_env or {}),
+        }
+
+    # --- set-up --------------------------------------------------------------------------------
+    def airflow(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            ["airflow", *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"airflow {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    def init(self) -> None:
+        """Migrate the metadata database (once per home) and create the gpu pool."""
+        stamp = self.home / ".migrated"
+        if not stamp.exists():
+            self.airflow("db", "migrate")
+            stamp.touch()
+        pool = self.env.get("FRAUD_GPU_POOL", "gpu")
+        slots = self.env.get("FRAUD_GPU_POOL_SLOTS", "1")
+        self.airflow("pools", "set", pool, slots, "GPU tasks (train, score)")
+
+    # --- processes -----------------------------------------------------------------------------
+    def start(self, *components: str) -> None:
+        for name in components:
+            if name in self.procs:
+                continue
+            args = {
+                "api-server": ["api-server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                "scheduler": ["scheduler"],
+                "dag-processor": ["dag-processor"],
+                "triggerer": ["triggerer"],
+            }[name]
+            log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+            self.procs[name] = subprocess.Popen(
+                ["airflow", *args], env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def stop(self) -> None:
+        for _name, proc in reversed(list(self.procs.items())):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for _name, proc in self.procs.items():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+    def log_tail(self, name: str, chars: int = 3000) -> str:
+        path = self.home / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"airflow {name} exited ({proc.returncode}):\n{self.log_tail(name)}")
+
+    # --- REST API ------------------------------------------------------------------------------
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"API server not ready in {timeout}s:\n{self.log_tail('api-server')}")
+
+    def token(self) -> str:
+        body = json.dumps({"username": ADMIN_USER, "password": self.password}).encode()
+        req = urllib.request.Request(
+            f"{self.url}/auth/token", data=body, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())["access_token"]
+
+    def api(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        """Call ``/api/v2<path>``; returns (HTTP status, JSON body) without raising on 4xx."""
+        if not hasattr(self, "_token"):
+            self._token = self.token()
+        req = urllib.request.Request(
+            f"{self.url}/api/v2{path}",
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._token}"},
+            method=method,
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 180) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            status, body = self.api("GET", f"/dags/{dag_id}")
+            if status == 200:
+                return body
+            time.sleep(2)
+        _, errors = self.api("GET", "/importErrors")
+        raise RuntimeError(f"DAG {dag_id} not parsed in {timeout}s; import errors: {errors}")
+
+    def dag_runs(self, dag_id: str) -> list[dict]:
+        status, body = self.api("GET", f"/dags/{dag_id}/dagRuns?limit=100&order_by=logical_date")
+        assert status == 200, body
+        return body["dag_runs"]
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        from urllib.parse import quote
+
+        status, body = self.api("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances?limit=100")
+        assert status == 200, body
+        return body["task_instances"]
+
+    def wait_for_runs(self, dag_id: str, count: int, timeout: float) -> list[dict]:
+        """Wait until ``count`` runs exist and all are finished; return them."""
+        deadline = time.monotonic() + timeout
+        runs: list[dict] = []
+        while time.monotonic() < deadline:
+            self._check_alive()
+            runs = self.dag_runs(dag_id)
+            if len(runs) >= count and all(r["state"] in ("success", "failed") for r in runs):
+                return runs
+            time.sleep(5)
+        raise TimeoutError(f"runs not finished in {timeout}s: {[(r['run_id'], r['state']) for r in runs]}")
+
+
+def main() -> int:
+    """``python deploy/local_airflow.py``: start Airflow on this machine (what `make up` runs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--home", default=str(REPO / ".airflow"))
+    parser.add_argument("--lake", default=os.environ.get("FRAUD_LAKE_URI") or (REPO / ".lake").as_uri())
+    parser.add_argument("--port", type=int, default=int(os.environ.get("FRAUD_AIRFLOW_PORT", "8080")))
+    args = parser.parse_args()
+    password_file = Path(args.home) / "admin.password"
+    password = password_file.read_text().strip() if password_file.exists() else secrets.token_urlsafe(12)
+    Path(args.home).mkdir(parents=True, exist_ok=True)
+    password_file.write_text(password)
+    af = LocalAirflow(Path(args.home), args.lake, port=args.port, password=password)
+    af.init()
+    af.start("api-server", "dag-processor", "scheduler", "triggerer")
+    try:
+        af.wait_ready()
+        af.wait_for_dag("fraud_nightly")
+        print(f"\nAirflow is up: {af.url}  (user {ADMIN_USER}, password in {password_file}: {password})")
+        print(f"DAG fraud_nightly: {af.url}/dags/fraud_nightly   lake: {args.lake}")
+        print(f"logs: {args.home}/*.log   stop with Ctrl-C")
+        while True:
+            af._check_alive()
+            time.sleep(5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        af.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The blocking data-quality gate on a day's clean partition (SPEC §1 step 3).
+
+It reads only manifests (the clean job's ``stats``), never data: quarantine share, an empty day,
+and volume against the median of the trailing week. A failed check raises, so nothing downstream
+of the gate runs for that day. The trailing week must be published before the gate runs (the DAG
+waits for it), so the verdict depends only on the data, not on which runs are in flight.
+"""
+
+from __future__ import annotations
+
+import statistics
+import uuid
+from datetime import date, timedelta
+
+from fraud_ops.config import GateThresholds
+
+TRAILING_DAYS = 7
+MIN_TRAILING_DAYS = 3  # fewer published days than this: too little history to judge volume
+
+
+class DataQualityError(RuntimeError):
+    """The day's data failed the gate; the message lists every failed check."""
+
+
+def evaluate(stats: dict, trailing_clean_rows: list[int], limits: GateThresholds) -> dict:
+    """Pure verdict from the day's clean stats and the trailing week's clean row counts."""
+    rows_in = int(stats.get("rows_in", 0))
+    clean = int(stats.get("clean", 0))
+    quarantined = int(stats.get("quarantined_total", rows_in - clean))
+    share = quarantined / rows_in if rows_in else 0.0
+    median = statistics.median(trailing_clean_rows) if len(trailing_clean_rows) >= MIN_TRAILING_DAYS else None
+    ratio = clean / median if median else None
+    failures = []
+    if clean == 0:
+        failures.append(f"no clean rows (rows_in={rows_in})")
+    if share > limits.max_quarantine_share:
+        failures.append(f"quarantine share {share:.2%} > {limits.max_quarantine_share:.2%}")
+    if ratio is not None and ratio < limits.min_volume_ratio:
+        failures.append(f"volume collapsed: {clean} clean rows = {ratio:.2f} x trailing median {median:.0f}")
+    if ratio is not None and ratio > limits.max_volume_ratio:
+        failures.append(f"volume spike: {clean} clean rows = {ratio:.2f} x trailing median {median:.0f}")
+    return {
+        "passed": not failures,
+        "failures": failures,
+        "rows_in": rows_in,
+        "clean": clean,
+        "quarantined_total": quarantined,
+        "quarantine_share": share,
+        "trailing_days": len(trailing_clean_rows),
+        "trailing_median_clean": median,
+        "volume_ratio": ratio,
+        "thresholds": {
+            "max_quarantine_share": limits.max_quarantine_share,
+            "min_volume_ratio": limits.min_volume_ratio,
+            "max_volume_ratio": limits.max_volume_ratio,
+        },
+    }
+
+
+def check_day(lake_uri: str, day: str | date, limits: GateThresholds) -> dict:
+    """Run the gate for day D of a lake; record the verdict as a run record; raise if it failed."""
+    from jobs.common.lake import Dataset, Lake, NotPublished, parse_day
+
+    lake, day = Lake.from_uri(lake_uri), parse_day(day)
+    manifest = lake.manifest(Dataset.CLEAN, day)
+    if manifest is None:
+        raise NotPublished(f"clean date={day} is not published in {lake.uri}")
+    trailing = []
+    for back in range(1, TRAILING_DAYS + 1):
+        previous = lake.manifest(Dataset.CLEAN, day - timedelta(days=back))
+        if previous is not None:
+            trailing.append(int(previous.get("stats", {}).get("clean", previous["rows"])))
+    stats = {"clean": manifest["rows"], **manifest.get("stats", {})}
+    verdict = {"date": day.isoformat(), **evaluate(stats, trailing, limits)}
+    lake.write_run_record("quality_gate", day, uuid.uuid4().hex[:16], verdict)
+    if not verdict["passed"]:
+        raise DataQualityError(f"data-quality gate failed for {day}: " + "; ".join(verdict["failures"]))
+    return verdict

@@ -1,0 +1,172 @@
+"""The nightly DAG: imports cleanly, follows the policies, has the expected graph, validates its form."""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from datetime import UTC, timedelta
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DAG_FILE = REPO / "dags" / "fraud_nightly.py"
+
+EXPECTED_GRAPH = {
+    "plan": {"wait_for_landing"},
+    "wait_for_landing": {"clean"},
+    "clean": {"wait_for_clean_history"},
+    "wait_for_clean_history": {"quality_gate"},
+    "quality_gate": {"features"},
+    "features": {"train_today"},
+    "train_today": {"wait_for_training_inputs", "no_training"},
+    "wait_for_training_inputs": {"wait_for_previous_decision"},
+    "wait_for_previous_decision": {"train"},
+    "train": {"wait_for_decision"},
+    "no_training": {"wait_for_decision"},
+    "wait_for_decision": {"score"},
+    "score": {"report"},
+    "report": set(),
+}
+
+
+@pytest.fixture(autouse=True)
+def _airflow_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
+    monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    monkeypatch.syspath_prepend(str(REPO / "plugins"))
+
+
+def load_dag(monkeypatch=None, **env):
+    from airflow.dag_processing.dagbag import DagBag
+
+    for name, value in env.items():
+        os.environ[name] = value
+    try:
+        sys.modules.pop("fraud_nightly", None)
+        bag = DagBag(dag_folder=str(DAG_FILE))
+    finally:
+        for name in env:
+            os.environ.pop(name, None)
+    assert bag.import_errors == {}, bag.import_errors
+    return bag.dags["fraud_nightly"]
+
+
+@pytest.fixture(scope="module")
+def dag():
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    sys.path.insert(0, str(REPO / "plugins"))
+    return load_dag()
+
+
+def test_module_level_is_wiring_only():
+    """No I/O, heavy imports or Variable.get at module level (only inside tasks)."""
+    tree = ast.parse(DAG_FILE.read_text())
+    heavy = {"pyspark", "torch", "pandas", "pyarrow", "numpy", "sklearn", "matplotlib"}
+    for node in tree.body:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            assert not any(n.split(".")[0] in heavy for n in names), names
+    source = DAG_FILE.read_text()
+    assert "Variable.get" not in source
+    assert "open(" not in source
+
+
+def test_policies(dag):
+    assert dag.dag_id == "fraud_nightly" == DAG_FILE.stem
+    assert dag.doc_md and "Nightly card-fraud pipeline" in dag.doc_md
+    assert dag.catchup is False
+    assert {"fraud", "nightly"} <= set(dag.tags)
+    assert dag.start_date.date().isoformat() == "2018-04-01"
+    assert dag.max_active_runs == 2
+    assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
+    for task in dag.tasks:
+        assert task.retries >= 1, task.task_id
+        assert task.retry_exponential_backoff, task.task_id
+        assert task.execution_timeout == timedelta(minutes=120), task.task_id
+        assert task.on_failure_callback, task.task_id
+
+
+def test_data_interval_is_one_utc_day_and_runs_after_it(dag):
+    from datetime import datetime
+
+    from airflow.timetables.base import TimeRestriction
+    from airflow.timetables.interval import CronDataIntervalTimetable
+
+    assert (dag.timetable.expression, str(dag.timetable.timezone)) == ("0 0 * * *", "UTC")
+    core = CronDataIntervalTimetable(dag.timetable.expression, dag.timetable.timezone)
+    restriction = TimeRestriction(earliest=dag.start_date, latest=None, catchup=True)
+    info = core.next_dagrun_info(last_automated_data_interval=None, restriction=restriction)
+    assert info.data_interval.start == datetime(2018, 4, 1, tzinfo=UTC)
+    assert info.data_interval.end == datetime(2018, 4, 2, tzinfo=UTC)
+    assert info.run_after == info.data_interval.end
+
+
+def test_flow_without_plan_edges(dag):
+    flow = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
+    flow["plan"] = flow["plan"] & {"wait_for_landing"}
+    assert flow == EXPECTED_GRAPH
+
+
+def test_operators_and_trigger_rules(dag):
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    clean, features = dag.get_task("clean"), dag.get_task("features")
+    for task, job in ((clean, "clean"), (features, "features")):
+        assert isinstance(task, SparkSubmitOperator)
+        assert task.application == f"jobs/spark/{job}.py"
+        assert task._conn_id == "spark_default"
+    assert dag.get_task("wait_for_landing").mode == "reschedule"
+    assert dag.get_task("wait_for_clean_history").mode == "reschedule"
+    assert dag.get_task("wait_for_decision").trigger_rule == "none_failed_min_one_success"
+    assert dag.get_task("report").trigger_rule == "none_failed"
+    assert dag.get_task("score").skip_on_exit_code == (99,)
+    assert dag.get_task("train").pool == dag.get_task("score").pool == "gpu"
+    outlets = {t.task_id: {a.name for a in t.outlets} for t in dag.tasks if t.outlets}
+    assert outlets == {
+        "clean": {"fraud_clean_transactions", "fraud_quarantine_transactions"},
+        "features": {"fraud_features_transactions"},
+        "train": {"fraud_models"},
+        "score": {"fraud_scores_transactions", "fraud_alerts_cards"},
+        "report": {"fraud_reports"},
+    }
+
+
+def test_max_active_runs_is_configurable(monkeypatch):
+    assert load_dag(FRAUD_MAX_ACTIVE_RUNS="4").max_active_runs == 4
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"date": "2018-13-45"},
+        {"date": "2018-04-01; rm -rf /"},
+        {"date": 20180401},
+        {"force_retrain": "yes"},
+        {"model": "xgboost"},
+        {"window_days": 0},
+        {"window_days": 1000},
+        {"k": -1},
+        {"k": "100 --evil"},
+    ],
+)
+def test_bad_params_are_refused(dag, conf):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises((ParamValidationError, ValueError)):
+        _validated(dag, conf)
+
+
+def test_good_params_pass(dag):
+    values = _validated(dag, {"date": "2018-05-02", "force_retrain": True, "model": "seq", "k": 50})
+    assert values["date"] == "2018-05-02" and values["model"] == "seq" and values["window_days"] == 7
+
+
+def _validated(dag, conf: dict) -> dict:
+    import copy
+
+    params = copy.deepcopy(dag.params)
+    for key, value in conf.items():
+        params[key] = value  # validates the value against the Param's JSON schema
+    return params.validate()
