@@ -36,6 +36,12 @@ lint: $(STAMP) ## ruff
 run: $(STAMP) ## the main job: demo lake, then the nightly pipeline for one date (DATE=YYYY-MM-DD)
 	$(PY) -m jobs.demo $(if $(DATE),--date $(DATE))
 
+up: $(STAMP) ## start Airflow locally with the DAG ready in the UI (prints the URL and login)
+	$(PY) deploy/local_airflow.py
+
+quality: $(STAMP) ## reference-protocol quality report on reference-scale data (long: ~30 min)
+	$(PY) -m jobs.torch.quality
+
 bench: $(STAMP) ## benchmarks (prints tables, writes bench/RESULTS.md)
 	$(PY) -m bench
 
