@@ -1,0 +1,93 @@
+"""Scoring throughput end to end: read the day's features, score with the champion, write scores
+and alerts (``jobs.torch.score.score_day``), on a 10M-row synthetic feature day.
+
+The models are trained briefly on small synthetic data and registered as champions (throughput
+does not depend on what they learned). The sequence model also reads the previous day's features
+for card history (lookback 1 day here) and is measured on a smaller day.
+
+``python -m bench scoring [--small]``
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from bench import markdown_table, write_section
+from jobs.common.lake import Dataset, Lake
+from jobs.common.schedule import TrainingSchedule
+from jobs.torch import registry as R
+from jobs.torch.score import load_version, score_day
+from jobs.torch.synthetic import synthetic_features
+from jobs.torch.train import TrainConfig, checkpoint_bytes, train_model
+
+FIRST = date(2018, 4, 1)
+DAY = date(2018, 5, 1)
+
+
+def big_day(day: date, rows: int) -> pa.Table:
+    """A synthetic day of ``rows`` rows, built from 1M-row blocks (distinct transaction ids)."""
+    block = 1_000_000
+    parts = []
+    for i in range(0, rows, block):
+        t = synthetic_features(day, min(block, rows - i), seed=i // block, cards=1_000_000)
+        parts.append(t.set_column(0, "TRANSACTION_ID", pa.compute.add(t.column(0), i)))
+    return pa.concat_tables(parts)
+
+
+def champion(lake: Lake, kind: str) -> str:
+    """Train a small model, register it, and make it champion from the first date."""
+    window = [FIRST + timedelta(days=i) for i in range(2)]
+    for day in window:
+        lake.write_table(Dataset.FEATURES, day, synthetic_features(day, 2_000, cards=500))
+    cfg = TrainConfig(lake=lake.uri, date=DAY.isoformat(), model=kind, epochs=1, lookback_days=1).resolved()
+    trained = train_model(lake, cfg, window, FIRST, torch.device("cpu"))
+    ckpt = checkpoint_bytes(cfg, cfg.model_config(), trained.model, trained.transform)
+    registry = R.Registry(lake, TrainingSchedule(FIRST, every_days=10_000, window_days=7))
+    version = f"{kind}-bench"
+    load_version(ckpt, version)
+    registry.register_version(version, {R.CHECKPOINT: ckpt}, {"model": kind, "train_day": FIRST.isoformat()})
+    registry.add_event("promote", version, FIRST, "benchmark")
+    return version
+
+
+def measure(kind: str, rows: int, threads: int) -> tuple[int, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        lake = Lake.from_uri(Path(tmp).as_uri())
+        champion(lake, kind)
+        days = [DAY - timedelta(days=1), DAY] if kind == "seq" else [DAY]
+        for day in days:
+            lake.write_table(Dataset.FEATURES, day, big_day(day, rows))
+        registry = R.Registry(lake, TrainingSchedule(FIRST, every_days=10_000, window_days=7))
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        summary = score_day(lake, registry, DAY, 100, {})
+        seconds = time.perf_counter() - t0
+        assert summary["rows"] == rows
+        return rows, seconds
+
+
+def main(flags: list[str]) -> int:
+    small = "--small" in flags
+    threads = int(os.environ.get("BENCH_THREADS", str(min(os.cpu_count() or 1, 2))))
+    load = os.getloadavg()[0]
+    results = []
+    for kind, rows in (("mlp", 1_000_000 if small else 10_000_000), ("seq", 200_000 if small else 2_000_000)):
+        n, s = measure(kind, rows, threads)
+        results.append([kind, f"{n:,}", f"{s:.1f}", f"{n / s:,.0f}"])
+        print(f"scoring {kind}: {n:,} rows in {s:.1f} s = {n / s:,.0f} rows/s", flush=True)
+    table = markdown_table(["model", "rows (one day)", "seconds (read + score + write)", "rows/s"], results)
+    note = (f"torch threads {threads}; load average at start {load:.1f} (a shared machine: figures are noisy). "
+            "MLP: default product architecture; seq: GRU over the card's previous 5 rows, history from the day "
+            "before.")
+    print(table)
+    print(note)
+    if not small:  # a --small run is a smoke check, not a figure
+        write_section("scoring", f"{table}\n\n{note}")
+    return 0

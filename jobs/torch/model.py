@@ -1,0 +1,137 @@
+"""Models: the feed-forward baseline and a card-history sequence model, plus the input transform.
+
+Both take the 15 ``MODEL_INPUTS`` in order. :class:`InputTransform` turns them into 25 model
+features (the raw 15, log amount and log counts, the amount's log ratio to the card's average
+amount over 1/7/30 days), standardised with training-data statistics kept as buffers; it is part
+of the checkpoint and of the exported program, so scoring needs only the raw inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from jobs.common.schema import MODEL_INPUTS, customer_avg_amount, customer_count, terminal_count
+
+TRANSFORM = "log_ratio_v1"
+_AMOUNT = MODEL_INPUTS.index("TX_AMOUNT")
+_COUNTS = [MODEL_INPUTS.index(f(n)) for f in (customer_count, terminal_count) for n in (1, 7, 30)]
+_AVERAGES = [MODEL_INPUTS.index(customer_avg_amount(n)) for n in (1, 7, 30)]
+N_DERIVED = len(MODEL_INPUTS) + 1 + len(_COUNTS) + len(_AVERAGES)
+
+
+def derive(x: torch.Tensor) -> torch.Tensor:
+    """Raw inputs [..., 15] -> unscaled model features [..., 25]."""
+    amount = x[..., _AMOUNT : _AMOUNT + 1]
+    log_amount = torch.log1p(amount.clamp_min(0))
+    log_counts = torch.log1p(x[..., _COUNTS].clamp_min(0))
+    log_ratio = log_amount - torch.log1p(x[..., _AVERAGES].clamp_min(0))
+    return torch.cat([x, log_amount, log_counts, log_ratio], dim=-1)
+
+
+class InputTransform(nn.Module):
+    def __init__(self, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("mean", mean if mean is not None else torch.zeros(N_DERIVED))
+        self.register_buffer("std", std if std is not None else torch.ones(N_DERIVED))
+
+    @staticmethod
+    def fit(x: torch.Tensor) -> InputTransform:
+        """Statistics of the training rows only (float64 for stable sums)."""
+        d = derive(x.double())
+        std = d.std(dim=0, unbiased=False)
+        return InputTransform(d.mean(dim=0).float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (derive(x) - self.mean) / self.std
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "mlp"  # mlp | seq
+    hidden: list[int] = field(default_factory=lambda: [500])
+    dropout: float = 0.2
+    seq_len: int = 5  # seq: previous transactions of the card
+    seq_hidden: int = 32
+    lookback_days: int = 7  # seq: feature days before the first target day searched for history
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MLP(nn.Module):
+    def __init__(self, n_in: int, hidden: list[int], dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers += [nn.Linear(n_in, h), nn.ReLU(), nn.Dropout(dropout)]
+            n_in = h
+        layers.append(nn.Linear(n_in, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).squeeze(-1)
+
+
+class FraudMLP(nn.Module):
+    """Scaled features of one transaction -> fraud logit."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.mlp = MLP(N_DERIVED, cfg.hidden, cfg.dropout)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.mlp(z)
+
+
+class CardSequenceModel(nn.Module):
+    """The transaction plus its card's previous k transactions (a GRU over them) -> fraud logit.
+
+    ``prev`` [B, k, 25] are the scaled features of the previous rows, oldest first, ``gap`` [B, k]
+    the days between each and the scored transaction, ``present`` [B, k] 1 where a row exists.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.step = nn.Linear(N_DERIVED + 2, cfg.seq_hidden)
+        self.gru = nn.GRU(cfg.seq_hidden, cfg.seq_hidden, batch_first=True)
+        self.head = MLP(N_DERIVED + cfg.seq_hidden, cfg.hidden, cfg.dropout)
+
+    def forward(self, z: torch.Tensor, prev: torch.Tensor, gap: torch.Tensor, present: torch.Tensor):
+        p = present.unsqueeze(-1)
+        steps = torch.cat([prev * p, torch.log1p(gap.clamp_min(0)).unsqueeze(-1) * p, p], dim=-1)
+        _, h = self.gru(torch.relu(self.step(steps)))
+        return self.head(torch.cat([z, h[-1]], dim=-1))
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    if cfg.kind == "mlp":
+        return FraudMLP(cfg)
+    if cfg.kind == "seq":
+        return CardSequenceModel(cfg)
+    raise ValueError(f"unknown model kind {cfg.kind!r} (mlp or seq)")
+
+
+class Scorer(nn.Module):
+    """Raw inputs -> fraud probability: the transform folded in. This is what gets exported."""
+
+    def __init__(self, transform: InputTransform, model: nn.Module):
+        super().__init__()
+        self.transform = transform
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(self.transform(x)))
+
+
+class SequenceScorer(Scorer):
+    """Raw inputs of the transaction [B, 15], of its previous rows [B, k, 15], gaps and presence."""
+
+    def forward(self, x: torch.Tensor, prev: torch.Tensor, gap: torch.Tensor, present: torch.Tensor):
+        return torch.sigmoid(self.model(self.transform(x), self.transform(prev), gap, present))
+
+
+def scorer_for(cfg: ModelConfig, transform: InputTransform, model: nn.Module) -> Scorer:
+    return SequenceScorer(transform, model) if cfg.kind == "seq" else Scorer(transform, model)

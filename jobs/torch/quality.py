@@ -1,0 +1,155 @@
+"""``python -m jobs.torch.quality --lake URI``: the reference protocol on reference-scale data.
+
+SPEC §5: four weekly folds whose training starts are 2018-07-25, 08-01, 08-08 and 08-15; each
+trains on the week from its start (the 7-day reference window) or on the product's window ending
+on the same day, skips 7 days (the label delay) and tests on the next 7 with the test-set rule
+(known frauds counted from the fold's start, so both configurations face the same test rows).
+Prints AUC ROC, average precision and Card Precision@100 per fold and averaged, beside the
+published reference results. ``--folds validation`` runs the four folds a month earlier
+(starts 06-27 .. 07-18, test weeks ending before the first test week): model choices are made
+there, never on the test weeks.
+
+The features come from the lake. Days missing there are computed with the project's Spark jobs
+(``jobs/spark/clean.py`` then ``jobs/spark/features.py`` over the range, via spark-submit);
+with ``--generate`` an empty landing area is first filled by ``python -m jobs.datagen`` at
+reference scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jobs.common.config import REPO_ROOT, settings
+from jobs.common.lake import Dataset, Lake, day_range
+from jobs.torch.model import scorer_for
+from jobs.torch.score import Loaded
+from jobs.torch.train import TrainConfig, evaluate_loaded, train_model
+
+TEST_STARTS = [date(2018, 7, 25) + timedelta(days=7 * i) for i in range(4)]
+VALIDATION_STARTS = [date(2018, 6, 27) + timedelta(days=7 * i) for i in range(4)]
+DATA_START = date(2018, 4, 1)
+NAMES = ("auc_roc", "average_precision", "card_precision@100")
+REFERENCE = [  # SPEC §5 (ref), test AUC / AP / CP@100
+    ("logistic regression (ref)", 0.868, 0.623, 0.297),
+    ("random forest (ref)", 0.870, 0.678, 0.299),
+    ("XGBoost (ref)", 0.869, 0.687, 0.303),
+    ("feed-forward NN (ref)", 0.876, 0.675, 0.303),
+    ("LSTM, last 5 tx (ref)", 0.876, 0.665, 0.297),
+]
+
+
+def fold_days(start: date, window_days: int) -> tuple[list[date], list[date]]:
+    """Training window ending start+6 (the reference's training week's last day), test start+14..+20."""
+    end = start + timedelta(days=6)
+    return [end - timedelta(days=i) for i in range(window_days - 1, -1, -1)], [
+        start + timedelta(days=14 + i) for i in range(7)
+    ]
+
+
+def run_fold(lake: Lake, cfg: TrainConfig, start: date, first_date: date, k: int = 100) -> dict:
+    window, test = fold_days(start, cfg.window_days)
+    t0 = time.time()
+    trained = train_model(lake, cfg, window, first_date, torch.device("cpu"))
+    seconds = time.time() - t0
+    mcfg = cfg.model_config()
+    loaded = Loaded("quality", mcfg, scorer_for(mcfg, trained.transform, trained.model).eval())
+    out = evaluate_loaded(lake, loaded, test, start, first_date, k)
+    return {**out, "train_rows": len(trained.frame), "train_seconds": round(seconds, 1)}
+
+
+def ensure_features(lake: Lake, days: list[date], generate: bool) -> None:
+    missing = [d for d in days if not lake.is_published(Dataset.FEATURES, d)]
+    if not missing:
+        return
+    if generate and not lake.landing_ready(DATA_START):
+        _run([sys.executable, "-m", "jobs.datagen", "--lake", lake.uri, "--start", DATA_START.isoformat(),
+              "--days", "183", "--customers", "5000", "--terminals", "10000", "--seed", "0"])
+    spark_submit = shutil.which("spark-submit") or str(Path(sys.executable).with_name("spark-submit"))
+    for job in ("clean", "features"):
+        script = REPO_ROOT / "jobs" / "spark" / f"{job}.py"
+        if not script.exists():
+            raise SystemExit(f"quality: {len(missing)} feature days are missing ({missing[0]}..{missing[-1]}) and "
+                             f"{script.relative_to(REPO_ROOT)} does not exist to compute them; publish the features "
+                             f"first (spark-submit jobs/spark/features.py --lake URI --start D1 --end D2)")
+    first_missing = min(missing)
+    history_start = max(DATA_START, first_missing - timedelta(days=37))
+    clean_days = [d for d in day_range(history_start, max(missing)) if not lake.is_published(Dataset.CLEAN, d)]
+    if clean_days:
+        _run([spark_submit, str(REPO_ROOT / "jobs/spark/clean.py"), "--lake", lake.uri,
+              "--start", min(clean_days).isoformat(), "--end", max(clean_days).isoformat()])
+    _run([spark_submit, str(REPO_ROOT / "jobs/spark/features.py"), "--lake", lake.uri,
+          "--start", first_missing.isoformat(), "--end", max(missing).isoformat()])
+
+
+def _run(cmd: list[str]) -> None:
+    print("quality: running", " ".join(cmd), flush=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
+    if subprocess.run(cmd, cwd=REPO_ROOT, env=env).returncode != 0:
+        raise SystemExit(f"quality: command failed: {' '.join(cmd)}")
+
+
+def format_table(results: dict[str, list[dict]], reference: bool) -> str:
+    lines = [f"{'configuration':44s} {'fold':10s} {'AUC':>6s} {'AP':>6s} {'CP@100':>7s}"]
+    for label, folds in results.items():
+        for f in folds:
+            lines.append(f"{label:44s} {f['train_start']:10s} {f['auc_roc']:6.3f} {f['average_precision']:6.3f} "
+                         f"{f['card_precision@100']:7.3f}")
+        mean = [float(np.mean([f[n] for f in folds])) for n in NAMES]
+        lines.append(f"{label:44s} {'MEAN':10s} {mean[0]:6.3f} {mean[1]:6.3f} {mean[2]:7.3f}")
+    if reference:
+        for name, auc, ap, cp in REFERENCE:
+            lines.append(f"{name:44s} {'MEAN':10s} {auc:6.3f} {ap:6.3f} {cp:7.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.torch.quality", description=__doc__.split("\n")[0])
+    parser.add_argument("--lake", default="", help="lake URI (default: FRAUD_LAKE_URI)")
+    parser.add_argument("--folds", choices=("test", "validation"), default="test")
+    parser.add_argument("--generate", action="store_true", help="generate reference-scale data if landing is empty")
+    parser.add_argument("--json", default="", help="also write the results to this file")
+    args, train_argv = parser.parse_known_args(argv)
+    s = settings()
+    lake = Lake.from_uri(args.lake or s.lake_uri)
+    torch.set_num_threads(1)
+    product = TrainConfig.from_argv(["--date", "2018-01-01", *train_argv])
+    configs = {f"product default ({product.model}, {product.window_days}-day window)": product}
+    if product.window_days != 7:
+        configs[f"reference window ({product.model}, 7 days)"] = replace(product, window_days=7)
+    starts = TEST_STARTS if args.folds == "test" else VALIDATION_STARTS
+    longest = max(c.window_days for c in configs.values())
+    lookback = product.lookback_days if product.model == "seq" else 0
+    needed_from = max(DATA_START, starts[0] + timedelta(days=7 - longest - lookback))
+    ensure_features(lake, day_range(needed_from, starts[-1] + timedelta(days=20)), args.generate)
+
+    results: dict[str, list[dict]] = {}
+    for label, cfg in configs.items():
+        results[label] = []
+        for start in starts:
+            fold = run_fold(lake, cfg, start, DATA_START)
+            results[label].append(fold)
+            print(f"quality: {label} fold {start}: AUC {fold['auc_roc']:.3f} AP {fold['average_precision']:.3f} "
+                  f"CP@100 {fold['card_precision@100']:.3f} ({fold['train_rows']} rows, {fold['train_seconds']} s)",
+                  flush=True)
+    print()
+    print(f"{args.folds} folds (training starts {', '.join(d.isoformat() for d in starts)}):")
+    print(format_table(results, reference=args.folds == "test"))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"folds": args.folds, "results": results}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

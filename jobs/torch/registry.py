@@ -1,0 +1,350 @@
+"""The model registry: immutable model versions, dated promotion decisions, manual events.
+
+Layout under the lake's ``models/`` folder::
+
+    models/versions/<version>/model.pt            checkpoint (torch.load(weights_only=True))
+    models/versions/<version>/model_export.pt2    self-contained scorer, scaler folded in
+    models/versions/<version>/metrics.json        training metrics
+    models/versions/<version>/lineage.json        inputs with hashes, code version, parameters, seed
+    models/versions/<version>/version.json        the version's record, written last (= registered)
+    models/registry/decisions/date=<T>.json       the promotion decision of training day T
+    models/registry/events/<seq>.json             manual promote / rollback events, numbered
+
+Semantics (SPEC §5):
+
+* A version name holds a hash of its checkpoint bytes, so a version folder never changes: a
+  rerun that produces the same bytes (CPU, same seed and data) names the same version, a rerun
+  that does not (GPU) names a new one.
+* Every record is created once with :meth:`Lake.put_if_absent` (link(2) on a file system, a
+  conditional ``If-None-Match: *`` PUT on S3), so concurrent writers cannot interleave: exactly
+  one creates a record, the others read the winner's. Nothing is ever rewritten.
+* Decisions are made in date order: the decision of training day T requires the decision of
+  the previous training day (else :class:`WaitingForDecision`). Decisions are facts about the
+  data: once recorded for T, a rerun that would decide differently (another configuration, a
+  non-deterministic GPU model) does not replace it; it is reported as a conflict and the
+  recorded decision stands. To change the champion, record a manual event.
+* Manual events (``promote`` / ``rollback``) take effect from a stated date.
+* ``champion_as_of(D)`` is the version named by the latest of: the decisions of training days
+  <= D and the manual events effective <= D (on the same date an event wins over a decision,
+  later events over earlier ones). It waits (raises :class:`WaitingForDecision`) while the
+  decision of the latest scheduled training day <= D is missing, so it never resolves to a
+  model that is merely newest.
+
+This module imports no torch: the Airflow DAG imports it in sensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from datetime import date, timedelta
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from jobs.common.lake import MODELS, Lake, LakeError, parse_day
+from jobs.common.schedule import TrainingSchedule
+
+CHECKPOINT = "model.pt"
+EXPORT = "model_export.pt2"
+METRICS = "metrics.json"
+LINEAGE = "lineage.json"
+VERSION_RECORD = "version.json"
+
+PROMOTED = "promoted"
+REFUSED = "refused"
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot go on."""
+
+
+class WaitingForDecision(RegistryError):
+    """The decision of an earlier training day is not recorded yet; retry later."""
+
+    def __init__(self, day: date, needed_for: str):
+        self.day = day
+        super().__init__(f"waiting for decision of {day.isoformat()} ({needed_for})")
+
+
+def canonical_json(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+def content_hash(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj)).hexdigest()
+
+
+class Registry:
+    """The registry of one lake. ``schedule`` defaults to the one configured in the environment."""
+
+    def __init__(self, lake: Lake, schedule: TrainingSchedule | None = None):
+        self.lake = lake
+        self.schedule = schedule or TrainingSchedule.from_settings()
+
+    # --- paths -------------------------------------------------------------------------------
+    def version_path(self, version: str, name: str = "") -> str:
+        return self.lake.path(MODELS, "versions", version, name)
+
+    def _decision_path(self, day: date) -> str:
+        return self.lake.path(MODELS, "registry", "decisions", f"date={day.isoformat()}.json")
+
+    def _events_path(self, name: str = "") -> str:
+        return self.lake.path(MODELS, "registry", "events", name)
+
+    def _read(self, fs_path: str) -> dict | None:
+        try:
+            return self.lake.read_json(fs_path)
+        except LakeError:
+            return None
+
+    def _create(self, fs_path: str, record: dict) -> tuple[dict, bool]:
+        """Create a record once; return (the stored record, whether this call created it)."""
+        if self.lake.put_if_absent(fs_path, canonical_json(record)):
+            return record, True
+        stored = self._read(fs_path)
+        if stored is None:
+            raise RegistryError(f"record vanished after a lost race: {self.lake.to_uri(fs_path)}")
+        return stored, False
+
+    # --- versions ----------------------------------------------------------------------------
+    def register_version(self, version: str, files: dict[str, bytes], record: dict) -> dict:
+        """Write a version's files, then its record (the marker that makes it visible).
+
+        Idempotent: registering the same version with the same content again is a no-op.
+        """
+        for name, data in files.items():
+            path = self.version_path(version, name)
+            # A file already there stays (immutable); the version name fixes the checkpoint bytes.
+            created = self.lake.put_if_absent(path, data)
+            if not created and name == CHECKPOINT and self.lake.read_bytes(path) != data:
+                raise RegistryError(f"version {version} exists with other checkpoint bytes")
+        record = {**record, "version": version}
+        stored, _ = self._create(self.version_path(version, VERSION_RECORD), record)
+        return {**stored, "path": self.lake.to_uri(self.version_path(version))}
+
+    def version(self, version: str) -> dict | None:
+        record = self._read(self.version_path(version, VERSION_RECORD))
+        if record is None:
+            return None
+        return {**record, "path": self.lake.to_uri(self.version_path(version))}
+
+    def read_file(self, version: str, name: str) -> bytes:
+        return self.lake.read_bytes(self.version_path(version, name))
+
+    def find_version(self, training_key: str) -> dict | None:
+        """A registered version trained with exactly this configuration on exactly these inputs."""
+        for record in self._version_records():
+            if record.get("training_key") == training_key:
+                return record
+        return None
+
+    def _version_records(self) -> list[dict]:
+        out = []
+        for info in self.lake.list_dir(self.lake.path(MODELS, "versions")):
+            if info.type == pafs.FileType.Directory:
+                record = self.version(info.base_name)
+                if record is not None:
+                    out.append(record)
+        return out
+
+    def versions(self) -> list[dict]:
+        """Every registered version with its status, metrics and the dates it became champion."""
+        timeline = self._timeline()
+        current = timeline[-1]["version"] if timeline else None
+        since: dict[str, list[str]] = {}
+        previous = None
+        for entry in timeline:
+            if entry["version"] != previous:
+                since.setdefault(entry["version"], []).append(entry["effective"])
+            previous = entry["version"]
+        refused = {d["candidate"]["version"] for d in self.decisions() if d["outcome"] == REFUSED}
+        out = []
+        for record in self._version_records():
+            v = record["version"]
+            if v == current:
+                status = "champion"
+            elif v in since:
+                status = "retired"
+            elif v in refused:
+                status = "refused"
+            else:
+                status = record.get("role", "candidate")
+            metrics = self._read(self.version_path(v, METRICS)) or {}
+            out.append({**record, "status": status, "champion_from": since.get(v, []), "metrics": metrics})
+        return sorted(out, key=lambda r: (r.get("train_day", ""), r["version"]))
+
+    # --- decisions ---------------------------------------------------------------------------
+    def decision(self, train_day: date | str) -> dict | None:
+        return self._read(self._decision_path(parse_day(train_day)))
+
+    def decisions(self) -> list[dict]:
+        out = []
+        for info in self.lake.list_dir(self.lake.path(MODELS, "registry", "decisions")):
+            if info.type == pafs.FileType.File and info.base_name.endswith(".json"):
+                record = self._read(info.path)
+                if record is not None:
+                    out.append(record)
+        return sorted(out, key=lambda d: d["train_day"])
+
+    def require_previous_decision(self, train_day: date) -> None:
+        """Raise :class:`WaitingForDecision` unless the previous training day is decided."""
+        previous = self.schedule.previous_training_day(train_day)
+        if previous is not None and self.decision(previous) is None:
+            raise WaitingForDecision(previous, f"decisions are made in date order; {train_day} is next")
+
+    def record_decision(self, record: dict) -> tuple[dict, str]:
+        """Record the decision of ``record['train_day']`` once.
+
+        Returns (the stored decision, outcome) where outcome is ``created``, ``same`` (an equal
+        decision was already recorded: a rerun) or ``conflict`` (another decision was recorded
+        first; it stands).
+        """
+        day = parse_day(record["train_day"])
+        if not self.schedule.is_training_day(day):
+            raise RegistryError(f"{day} is not a scheduled training day; use a manual promote event")
+        self.require_previous_decision(day)
+        if self.version(record["champion"]) is None:
+            raise RegistryError(f"decision names unregistered version {record['champion']}")
+        stored, created = self._create(self._decision_path(day), record)
+        if created:
+            return stored, "created"
+        return stored, "same" if content_hash(stored) == content_hash(record) else "conflict"
+
+    # --- manual events -----------------------------------------------------------------------
+    def events(self) -> list[dict]:
+        out = []
+        for info in self.lake.list_dir(self._events_path()):
+            if info.type == pafs.FileType.File and info.base_name.endswith(".json"):
+                record = self._read(info.path)
+                if record is not None:
+                    out.append(record)
+        return sorted(out, key=lambda e: e["seq"])
+
+    def add_event(self, kind: str, version: str, effective: date | str, reason: str) -> dict:
+        """Append a manual ``promote`` or ``rollback`` of ``version`` effective from a date."""
+        if kind not in ("promote", "rollback"):
+            raise ValueError(f"event kind must be promote or rollback, got {kind!r}")
+        if self.version(version) is None:
+            raise RegistryError(f"unknown version {version}")
+        if not reason.strip():
+            raise ValueError("a manual event needs a reason")
+        seq = len(self.events())
+        while True:  # the sequence number is claimed with put_if_absent: racing writers get the next
+            record = {
+                "seq": seq,
+                "kind": kind,
+                "version": version,
+                "effective": parse_day(effective).isoformat(),
+                "reason": reason,
+            }
+            stored, created = self._create(self._events_path(f"{seq:08d}.json"), record)
+            if created:
+                return stored
+            seq += 1
+
+    # --- resolution --------------------------------------------------------------------------
+    def _timeline(self, up_to: date | None = None) -> list[dict]:
+        """Champion changes in effect order: (effective date, decisions before events, seq)."""
+        entries = []
+        for d in self.decisions():
+            entries.append({"effective": d["train_day"], "order": (0, 0), "version": d["champion"],
+                            "source": f"decision {d['train_day']} ({d['outcome']})"})
+        for e in self.events():
+            entries.append({"effective": e["effective"], "order": (1, e["seq"]), "version": e["version"],
+                            "source": f"{e['kind']} event {e['seq']}: {e['reason']}"})
+        if up_to is not None:
+            entries = [e for e in entries if e["effective"] <= up_to.isoformat()]
+        return sorted(entries, key=lambda e: (e["effective"], e["order"]))
+
+    def pending_decision(self, day: date | str) -> date | None:
+        """The training day whose decision scoring ``day`` waits for, or None if nothing is missing."""
+        latest = self.schedule.latest_training_day(parse_day(day))
+        if latest is not None and self.decision(latest) is None:
+            return latest
+        return None
+
+    def champion_as_of(self, day: date | str) -> dict | None:
+        """The version that is champion on ``day`` (None before any), with its ``path``.
+
+        Raises :class:`WaitingForDecision` while the latest training day <= day is undecided.
+        """
+        day = parse_day(day)
+        pending = self.pending_decision(day)
+        if pending is not None:
+            raise WaitingForDecision(pending, f"the champion as of {day} depends on it")
+        timeline = self._timeline(up_to=day)
+        if not timeline:
+            return None
+        last = timeline[-1]
+        record = self.version(last["version"])
+        if record is None:
+            raise RegistryError(f"champion {last['version']} is not registered")
+        return {**record, "champion_since": last["effective"], "source": last["source"]}
+
+    def champion_before(self, train_day: date) -> dict | None:
+        """The champion a training day's candidate is compared with (as of the day before)."""
+        return self.champion_as_of(train_day - timedelta(days=1))
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.torch.registry", description=__doc__.split("\n")[0])
+    parser.add_argument("--lake", help="lake URI (default: FRAUD_LAKE_URI)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="every version with status and champion dates")
+    show = sub.add_parser("show", help="one version's record, metrics and lineage")
+    show.add_argument("version")
+    asof = sub.add_parser("champion", help="the champion as of a date")
+    asof.add_argument("--date", required=True)
+    sub.add_parser("decisions", help="every recorded decision")
+    for kind in ("promote", "rollback"):
+        p = sub.add_parser(kind, help=f"record a manual {kind} effective from a date")
+        if kind == "promote":
+            p.add_argument("version")
+        else:
+            p.add_argument("--to", dest="version", required=True)
+        p.add_argument("--from", dest="effective", required=True, help="first date it applies to")
+        p.add_argument("--reason", required=True)
+    args = parser.parse_args(argv)
+
+    lake = Lake.from_uri(args.lake) if args.lake else Lake.from_settings()
+    registry = Registry(lake)
+    try:
+        if args.command == "list":
+            rows = registry.versions()
+            if not rows:
+                print("no versions registered")
+            for r in rows:
+                ap = r["metrics"].get("validation", {}).get("average_precision")
+                print(f"{r['version']:40s} {r['status']:10s} trained_for={r.get('train_day', '?')} "
+                      f"champion_from={','.join(r['champion_from']) or '-'} val_ap={ap}")
+        elif args.command == "show":
+            record = registry.version(args.version)
+            if record is None:
+                print(f"unknown version {args.version}", file=sys.stderr)
+                return 2
+            record["metrics"] = json.loads(registry.read_file(args.version, METRICS))
+            record["lineage"] = json.loads(registry.read_file(args.version, LINEAGE))
+            print(json.dumps(record, indent=2, sort_keys=True))
+        elif args.command == "champion":
+            print(json.dumps(registry.champion_as_of(args.date), indent=2, sort_keys=True))
+        elif args.command == "decisions":
+            print(json.dumps(registry.decisions(), indent=2, sort_keys=True))
+        else:
+            event = registry.add_event(args.command, args.version, args.effective, args.reason)
+            print(json.dumps(event, indent=2, sort_keys=True))
+    except WaitingForDecision as exc:
+        print(str(exc), file=sys.stderr)
+        return 3
+    except RegistryError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,128 @@
+"""Scoring: champion as of the day, waiting and no-champion exits, scores and alerts partitions."""
+
+from __future__ import annotations
+
+import io
+from datetime import date, timedelta
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from jobs.common.config import EXIT_NO_CHAMPION
+from jobs.common.lake import Dataset, Lake
+from jobs.common.schema import ALERTS_SCHEMA, SCORES_SCHEMA
+from jobs.torch import registry as R
+from jobs.torch import score, train
+from jobs.torch.synthetic import synthetic_features
+
+FIRST = date(2018, 4, 1)
+T1, T2 = date(2018, 4, 15), date(2018, 4, 22)
+FAST = ["--epochs", "2", "--hidden", "16"]
+
+
+@pytest.fixture(scope="module")
+def trained_lake(tmp_path_factory):
+    """Features for 2018-04-01..04-23 and decisions for 04-15 and 04-22 (trained once per module)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"FRAUD_FIRST_DATE": "2018-04-01", "FRAUD_TRAIN_EVERY_DAYS": "7",
+                            "FRAUD_TRAIN_WINDOW_DAYS": "7", "FRAUD_ALERT_K": "100"}.items():
+            mp.setenv(name, value)
+        lake = Lake.from_uri((tmp_path_factory.mktemp("scored") / "lake").as_uri())
+        for i in range(23):
+            day = FIRST + timedelta(days=i)
+            lake.write_table(Dataset.FEATURES, day, synthetic_features(day, 300, cards=150))
+        assert score.main(["--lake", lake.uri, "--date", "2018-04-14"]) == EXIT_NO_CHAMPION
+        assert score.main(["--lake", lake.uri, "--date", T1.isoformat()]) == score.EXIT_WAITING
+        for day in (T1, T2):
+            assert train.main(["--lake", lake.uri, "--date", day.isoformat(), *FAST]) == 0
+        yield lake
+
+
+@pytest.fixture(autouse=True)
+def schedule_env(monkeypatch):
+    monkeypatch.setenv("FRAUD_FIRST_DATE", "2018-04-01")
+    monkeypatch.setenv("FRAUD_TRAIN_WINDOW_DAYS", "7")
+    monkeypatch.setenv("FRAUD_TRAIN_EVERY_DAYS", "7")
+
+
+def test_no_champion_publishes_nothing_and_records_why(trained_lake):
+    lake = trained_lake
+    assert not lake.is_published(Dataset.SCORES, date(2018, 4, 14))
+    assert not lake.is_published(Dataset.ALERTS, date(2018, 4, 14))
+    records = lake.list_files(lake.path("_runs", "score", "date=2018-04-14"))
+    assert records and lake.read_json(records[0].path)["status"] == "skipped"
+
+
+def test_scores_every_row_with_the_champion_as_of_the_day(trained_lake):
+    lake = trained_lake
+    registry = R.Registry(lake)
+    assert score.main(["--lake", lake.uri, "--start", "2018-04-20", "--end", "2018-04-22", "--k", "20"]) == 0
+    for day in (date(2018, 4, 20), date(2018, 4, 21), T2):
+        expected = registry.champion_as_of(day)["version"]
+        scores = lake.read_table(Dataset.SCORES, day)
+        assert scores.schema.equals(SCORES_SCHEMA)
+        features = lake.read_table(Dataset.FEATURES, day)
+        assert scores.num_rows == features.num_rows
+        assert sorted(scores.column("TRANSACTION_ID").to_pylist()) == sorted(features.column("TRANSACTION_ID").to_pylist())
+        assert set(scores.column("model_version").to_pylist()) == {expected}
+    # the day before the T2 decision is scored with the T1 champion, T2 with its own
+    v20 = lake.read_table(Dataset.SCORES, date(2018, 4, 21)).column("model_version")[0].as_py()
+    v22 = lake.read_table(Dataset.SCORES, T2).column("model_version")[0].as_py()
+    assert v20 == registry.decision(T1)["champion"] and v22 == registry.decision(T2)["champion"] != v20
+
+
+def test_alerts_are_the_top_k_cards_by_max_score(trained_lake):
+    lake = trained_lake
+    day = date(2018, 4, 20)
+    assert score.main(["--lake", lake.uri, "--date", day.isoformat(), "--k", "25"]) == 0
+    scores = lake.read_table(Dataset.SCORES, day).to_pandas()
+    alerts = lake.read_table(Dataset.ALERTS, day)
+    assert alerts.schema.equals(ALERTS_SCHEMA) and alerts.num_rows == 25
+    per_card = scores.groupby("CUSTOMER_ID")["score"].agg(["max", "size"]).reset_index()
+    per_card = per_card.sort_values(["max", "CUSTOMER_ID"], ascending=[False, True]).head(25)
+    a = alerts.to_pandas()
+    assert a["CUSTOMER_ID"].tolist() == per_card["CUSTOMER_ID"].tolist()
+    np.testing.assert_array_equal(a["score"].to_numpy(), per_card["max"].to_numpy())
+    assert a["n_tx"].tolist() == per_card["size"].tolist()
+    assert a["rank"].tolist() == list(range(1, 26))
+
+
+def test_alert_ranks_break_ties_by_card():
+    table = pa.table({"TRANSACTION_ID": [1, 2, 3, 4], "CUSTOMER_ID": [9, 3, 3, 5],
+                      "TX_DATETIME": pa.array([0, 0, 0, 0], pa.timestamp("us")),
+                      "score": [0.5, 0.5, 0.1, 0.7], "model_version": ["v"] * 4}, schema=SCORES_SCHEMA)
+    alerts = score.alerts_table(table, k=3).to_pylist()
+    assert [(a["CUSTOMER_ID"], a["n_tx"], a["rank"]) for a in alerts] == [(5, 1, 1), (3, 2, 2), (9, 1, 3)]
+
+
+def test_rescoring_a_day_gives_the_same_partition_content(trained_lake):
+    lake = trained_lake
+    day = date(2018, 4, 21)
+    assert score.main(["--lake", lake.uri, "--date", day.isoformat()]) == 0
+    first = lake.read_table(Dataset.SCORES, day)
+    assert score.main(["--lake", lake.uri, "--date", day.isoformat()]) == 0
+    assert lake.read_table(Dataset.SCORES, day).equals(first)
+
+
+def test_waiting_for_a_decision_is_not_no_champion(trained_lake):
+    # 2018-04-29 is a training day without a decision: scoring it must wait, not use the newest model
+    lake = trained_lake
+    for i in range(23, 29):
+        day = FIRST + timedelta(days=i)
+        lake.write_table(Dataset.FEATURES, day, synthetic_features(day, 50, cards=150))
+    rc = score.main(["--lake", lake.uri, "--date", "2018-04-29"])
+    assert rc == score.EXIT_WAITING and rc not in (0, EXIT_NO_CHAMPION)
+    assert not lake.is_published(Dataset.SCORES, date(2018, 4, 29))
+
+
+def test_a_model_for_other_features_is_refused(trained_lake):
+    registry = R.Registry(trained_lake)
+    version = registry.decision(T1)["champion"]
+    ckpt = torch.load(io.BytesIO(registry.read_file(version, R.CHECKPOINT)), weights_only=True)
+    for key, value in (("features", ckpt["features"][::-1]), ("feature_schema_version", "0" * 16)):
+        buf = io.BytesIO()
+        torch.save({**ckpt, key: value}, buf)
+        with pytest.raises(score.IncompatibleModel):
+            score.load_version(buf.getvalue(), "bad")

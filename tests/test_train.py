@@ -1,0 +1,178 @@
+"""Training: determinism, checkpoint and export, lineage, and the promotion decisions of SPEC §5."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from datetime import date, timedelta
+
+import numpy as np
+import pytest
+import torch
+
+from jobs.common.lake import Dataset, Lake
+from jobs.common.schema import FEATURE_SCHEMA_VERSION, MODEL_INPUTS
+from jobs.torch import registry as R
+from jobs.torch import train
+from jobs.torch.data import read_features, read_with_history
+from jobs.torch.score import load_version, predict
+from jobs.torch.synthetic import synthetic_features
+
+FIRST = date(2018, 4, 1)
+T1, T2 = date(2018, 4, 15), date(2018, 4, 22)
+FAST = ["--epochs", "2", "--hidden", "16", "--batch-size", "256"]
+
+
+@pytest.fixture(autouse=True)
+def schedule_env(monkeypatch):
+    for name, value in {"FRAUD_FIRST_DATE": "2018-04-01", "FRAUD_TRAIN_EVERY_DAYS": "7",
+                        "FRAUD_TRAIN_WINDOW_DAYS": "7", "FRAUD_SEED": "0", "FRAUD_PROMOTION_TOLERANCE": "0.005"}.items():
+        monkeypatch.setenv(name, value)
+
+
+def publish(lake: Lake, days: int = 15, rows: int = 400) -> None:
+    for i in range(days):
+        day = FIRST + timedelta(days=i)
+        lake.write_table(Dataset.FEATURES, day, synthetic_features(day, rows, cards=120))
+
+
+def run_train(lake: Lake, day: date, *extra: str) -> int:
+    return train.main(["--lake", lake.uri, "--date", day.isoformat(), *FAST, *extra])
+
+
+def test_config_is_a_dataclass_filled_from_argv():
+    cfg = train.TrainConfig.from_argv(["--date", "2018-04-15", "--model", "seq", "--hidden", "64", "32",
+                                       "--epochs", "3", "--seed", "7", "--device", "cpu"])
+    assert (cfg.model, cfg.hidden, cfg.epochs, cfg.seed, cfg.device, cfg.window_days) == ("seq", [64, 32], 3, 7, "cpu", 7)
+    assert cfg.recipe_hash() != train.TrainConfig.from_argv(["--date", "2018-04-15"]).recipe_hash()
+
+
+def test_training_is_deterministic_on_cpu_and_writes_a_complete_version(tmp_path):
+    lakes = [Lake.from_uri((tmp_path / name).as_uri()) for name in ("a", "b")]
+    for lake in lakes:
+        publish(lake, days=7)
+        assert run_train(lake, T1) == 0
+    champions = [R.Registry(lake).champion_as_of(T1) for lake in lakes]
+    version = champions[0]["version"]
+    assert version == champions[1]["version"]  # the name hashes the checkpoint bytes
+    registry = R.Registry(lakes[0])
+    blobs = [R.Registry(lake).read_file(version, R.CHECKPOINT) for lake in lakes]
+    assert blobs[0] == blobs[1]
+
+    ckpt = torch.load(io.BytesIO(blobs[0]), weights_only=True)
+    assert ckpt["features"] == list(MODEL_INPUTS)
+    assert ckpt["feature_schema_version"] == FEATURE_SCHEMA_VERSION
+    assert set(ckpt) >= {"state_dict", "model", "scaler_mean", "scaler_std"}
+
+    lineage = json.loads(registry.read_file(version, R.LINEAGE))
+    assert [i["date"] for i in lineage["inputs"]] == [(FIRST + timedelta(days=i)).isoformat() for i in range(7)]
+    assert all(len(i["manifest_sha256"]) == 64 for i in lineage["inputs"])
+    assert lineage["code_version"] and lineage["seed"] == 0
+    metrics = json.loads(registry.read_file(version, R.METRICS))
+    assert metrics["train"]["rows"] == 7 * 400
+
+    decision = registry.decision(T1)
+    assert decision["outcome"] == R.PROMOTED and decision["champion"] == version
+    assert "first champion" in decision["reason"]
+    # a rerun finds the decision recorded with the same configuration: nothing to do
+    assert run_train(lakes[0], T1) == 0
+    assert registry.decision(T1) == decision
+
+
+def test_exported_program_scores_like_the_checkpoint_without_project_code(lake, tmp_path):
+    publish(lake, days=7)
+    assert run_train(lake, T1) == 0
+    registry = R.Registry(lake)
+    version = registry.champion_as_of(T1)["version"]
+    loaded = load_version(registry.read_file(version, R.CHECKPOINT), version)
+    frame = read_features(lake, [FIRST])
+    expected = predict(loaded, frame)
+    np.save(tmp_path / "x.npy", frame.x)
+    (tmp_path / "model.pt2").write_bytes(registry.read_file(version, R.EXPORT))
+    code = ("import numpy as np, torch; p = torch.export.load('model.pt2').module(); "
+            "print(repr(p(torch.from_numpy(np.load('x.npy'))).detach().double().numpy().tolist()))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    got = np.array(eval(out.stdout))  # noqa: S307 - our own subprocess's repr of a float list
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_decisions_wait_in_date_order_then_compare_with_the_champion(lake):
+    publish(lake, days=15)
+    assert run_train(lake, T2) == train.EXIT_WAITING  # T1 not decided yet
+    assert R.Registry(lake).decision(T2) is None
+    assert run_train(lake, T1) == 0
+    assert run_train(lake, T2) == 0
+    registry = R.Registry(lake)
+    d1, d2 = registry.decision(T1), registry.decision(T2)
+    assert d2["outcome"] == R.PROMOTED and d2["previous_champion"] == d1["champion"]
+    val = d2["validation"]
+    assert val["week"][0] == "2018-04-08" and val["week"][-1] == "2018-04-14"
+    # the same configuration on the window ending T-15 is the T1 champion itself (reused, not retrained)
+    assert val["candidate_version"] == d1["champion"]
+    assert val["candidate"]["average_precision"] == val["champion"]["average_precision"]
+    assert d2["champion"] != d1["champion"]
+    assert registry.champion_as_of(T2 - timedelta(days=1))["version"] == d1["champion"]
+    assert registry.champion_as_of(T2)["version"] == d2["champion"]
+
+
+def test_a_worse_configuration_is_refused(lake):
+    publish(lake, days=15, rows=600)
+    assert train.main(["--lake", lake.uri, "--date", T1.isoformat(), "--epochs", "4", "--hidden", "32"]) == 0
+    champion = R.Registry(lake).decision(T1)["champion"]
+    # zero epochs: an untrained network scores the validation week much worse than the champion
+    assert run_train(lake, T2, "--epochs", "0") == 0
+    d2 = R.Registry(lake).decision(T2)
+    assert d2["outcome"] == R.REFUSED and d2["champion"] == champion
+    assert d2["validation"]["candidate"]["average_precision"] < d2["validation"]["champion"]["average_precision"]
+    statuses = {v["version"]: v["status"] for v in R.Registry(lake).versions()}
+    assert statuses[champion] == "champion" and statuses[d2["candidate"]["version"]] == "refused"
+
+
+def test_sequence_model_uses_the_cards_earlier_feature_rows(lake):
+    publish(lake, days=8)
+    target_day = FIRST + timedelta(days=7)
+    frame, history = read_with_history(lake, [target_day], k=5, lookback_days=7, first_date=FIRST)
+    earlier = read_features(lake, [FIRST + timedelta(days=i) for i in range(7)])
+    pool_card = np.concatenate([earlier.card, frame.card])
+    pool_time = np.concatenate([earlier.time_us, frame.time_us])
+    assert history.pool.shape[0] == 8 * 400
+    # 120 cards, 400 rows a day: every row has a previous row of its own card, earlier in time
+    newest = history.prev[:, -1]
+    assert (newest >= 0).all()
+    assert (pool_card[newest] == frame.card).all() and (pool_time[newest] <= frame.time_us).all()
+    linked = history.prev >= 0
+    assert (pool_card[history.prev[linked]] == np.broadcast_to(frame.card[:, None], linked.shape)[linked]).all()
+    assert (np.diff(np.where(linked, history.gap_days, 1e9), axis=1) <= 0).all()  # oldest first
+    assert (pool_time[newest] < frame.time_us.min()).any()  # history reaches earlier days
+    assert run_train(lake, date(2018, 4, 16), "--model", "seq", "--lookback-days", "1") == 0
+    version = next(v for v in R.Registry(lake).versions() if v["model"] == "seq")
+    assert version["train_day"] == "2018-04-16"  # not a training day: registered, no decision
+    assert R.Registry(lake).decision(date(2018, 4, 16)) is None
+    loaded = load_version(R.Registry(lake).read_file(version["version"], R.CHECKPOINT), version["version"])
+    scores = predict(loaded, frame, history)
+    assert scores.shape == (len(frame),) and np.isfinite(scores).all()
+    program = torch.export.load(io.BytesIO(R.Registry(lake).read_file(version["version"], R.EXPORT))).module()
+    k = loaded.config.seq_len
+    prev = torch.from_numpy(history.pool)[torch.from_numpy(history.prev).clamp_min(0)]
+    present = torch.from_numpy((history.prev >= 0).astype(np.float32))
+    exported = program(torch.from_numpy(frame.x), prev, torch.from_numpy(history.gap_days), present)
+    assert prev.shape[1] == k
+    np.testing.assert_allclose(exported.detach().double().numpy(), scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_trains_with_ddp_and_only_rank_0_writes(lake):
+    publish(lake, days=7, rows=200)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nproc_per_node=2", "-m", "jobs.torch.train", "--lake", lake.uri, "--date", T1.isoformat(), *FAST]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    registry = R.Registry(lake)
+    assert registry.decision(T1)["outcome"] == R.PROMOTED
+    assert len(registry.versions()) == 1
+    assert json.loads(registry.read_file(registry.decision(T1)["champion"], R.LINEAGE))["world_size"] == 2
