@@ -23,12 +23,83 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_USER = "admin"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+# Written to $AIRFLOW_HOME/config/airflow_local_settings.py after the database is migrated (Airflow
+# imports it before it builds the metadata engine, in every component and CLI command).
+#
+# Why: Airflow 3.3 opens SQLite in WAL mode with pysqlite's default transaction handling and a 5 s
+# busy timeout. `airflow backfill create` (and POST /api/v2/backfills, same code) creates each run
+# inside a SAVEPOINT, which starts a deferred SQLite transaction: it reads (is there a run for this
+# date?) and then writes. If the scheduler commits between that read and that write, the read
+# snapshot is stale and SQLite answers SQLITE_BUSY at once ("database is locked"; the busy timeout
+# is not consulted for a stale snapshot). Airflow then deletes the runs it had already created, which
+# the scheduler may be scheduling: the scheduler dies with ObjectDeletedError.
+#
+# Fix: in the backfill command, transactions begin IMMEDIATE (the write lock is taken before the first
+# read: SQLAlchemy's documented pysqlite recipe), so it waits its turn instead of failing; every
+# process waits up to 30 s for the lock instead of 5 s. Only the backfill command gets BEGIN
+# IMMEDIATE: long-lived components open a second connection while a session is open (db migrate
+# does), which would wait on itself if every transaction held the write lock.
+SQLITE_LOCAL_SETTINGS = f'''"""Written by deploy/local_airflow.py: SQLite lock handling of the local Airflow (see there)."""
+import os as _os
+import sys as _sys
+
+from sqlalchemy import create_engine as _create_engine
+from sqlalchemy import event as _event
+
+__all__ = ["create_metadata_engine"]
+
+
+def _begin_immediate_wanted():
+    return _os.environ.get("FRAUD_SQLITE_BEGIN_IMMEDIATE") == "1" or _sys.argv[1:2] == ["backfill"]
+
+
+def create_metadata_engine(sql_alchemy_conn, *, engine_args, connect_args):
+    engine = _create_engine(sql_alchemy_conn, connect_args=connect_args, **engine_args)
+    if engine.dialect.name != "sqlite":
+        return engine
+    immediate = _begin_immediate_wanted()
+
+    @_event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, connection_record):
+        dbapi_connection.execute("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        if immediate:
+            dbapi_connection.isolation_level = None  # pysqlite stops emitting its own BEGIN
+
+    if immediate:
+
+        @_event.listens_for(engine, "begin")
+        def _begin_immediate(connection):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+'''
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _descendants(roots: list[int]) -> set[int]:
+    """Pids of all live descendants of ``roots`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
 class LocalAirflow:
@@ -101,6 +172,9 @@ class LocalAirflow:
         if not stamp.exists():
             self.airflow("db", "migrate")
             stamp.touch()
+        config_dir = self.home / "config"
+        config_dir.mkdir(exist_ok=True)
+        (config_dir / "airflow_local_settings.py").write_text(SQLITE_LOCAL_SETTINGS)
         pool = self.env.get("FRAUD_GPU_POOL", "gpu")
         slots = self.env.get("FRAUD_GPU_POOL_SLOTS", "1")
         self.airflow("pools", "set", pool, slots, "GPU tasks (train, score)")
@@ -123,6 +197,10 @@ class LocalAirflow:
             )  # fmt: skip
 
     def stop(self) -> None:
+        """Stop every component and every process they started (task processes run in their own
+        process groups, e.g. a spark-submit under the LocalExecutor, so killing the groups of the
+        components is not enough)."""
+        descendants = _descendants([p.pid for p in self.procs.values()])
         for _name, proc in reversed(list(self.procs.items())):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -132,6 +210,11 @@ class LocalAirflow:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        for pid in descendants | _descendants(list(descendants)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         self.procs.clear()
 
     def log_tail(self, name: str, chars: int = 3000) -> str:

@@ -159,8 +159,11 @@ def test_bad_params_are_refused(dag, conf):
 
 
 def test_good_params_pass(dag):
+    from jobs.common.config import settings
+
     values = _validated(dag, {"date": "2018-05-02", "force_retrain": True, "model": "seq", "k": 50})
-    assert values["date"] == "2018-05-02" and values["model"] == "seq" and values["window_days"] == 7
+    assert values["date"] == "2018-05-02" and values["model"] == "seq"
+    assert values["window_days"] == settings().train_window_days  # the product default
 
 
 def _validated(dag, conf: dict) -> dict:

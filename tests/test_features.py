@@ -74,6 +74,11 @@ def read_features(lake: Lake, days: list[date]) -> pd.DataFrame:
     return table.to_pandas().set_index("TRANSACTION_ID", drop=False)
 
 
+def _read_file(lake: Lake, path: str) -> pa.Table:
+    """One Parquet file as written (no columns made up from its folder names)."""
+    return pq.read_table(path, filesystem=lake.fs, partitioning=None)
+
+
 def run_cli(lake: Lake, *args: str) -> int:
     return features.main(["--lake", lake.uri, "--first-date", FIRST_DATE.isoformat(), *args])
 
@@ -127,11 +132,11 @@ def scenario(spark, tmp_path_factory):
     assert run_cli(lake, "--start", "2018-05-11", "--end", "2018-05-14") == 0
     by_range = read_features(lake, TARGET_DAYS)
     range_files = {d: lake.partition_files(Dataset.FEATURES, d) for d in TARGET_DAYS}
-    range_schemas = {d: [pq.read_schema(p, filesystem=lake.fs) for p in range_files[d]] for d in TARGET_DAYS}
+    range_tables = {d: [_read_file(lake, p) for p in range_files[d]] for d in TARGET_DAYS}
     for day in TARGET_DAYS:
         assert run_cli(lake, "--date", day.isoformat()) == 0
     by_day = read_features(lake, TARGET_DAYS)
-    return lake, by_range, by_day, range_schemas
+    return lake, by_range, by_day, range_tables
 
 
 def feature_values(frame: pd.DataFrame, tx: int, name: str, n: int) -> tuple:
@@ -193,19 +198,22 @@ def test_weekend_and_night_flags(scenario, tx, weekend, night):
     assert (out.loc[tx, "TX_DURING_WEEKEND"], out.loc[tx, "TX_DURING_NIGHT"]) == (weekend, night)
 
 
-def test_output_schema_rows_order_and_one_file_per_day(scenario):
-    lake, out, _, range_schemas = scenario
+def test_output_schema_rows_order_and_files_per_day(scenario, spark):
+    lake, out, _, range_tables = scenario
     for day in TARGET_DAYS:
-        (written,) = range_schemas[day]  # one file per day, in the range run
-        assert [(f.name, f.type) for f in written] == [(f.name, f.type) for f in FEATURE_SCHEMA]
-        assert len(lake.partition_files(Dataset.FEATURES, day)) == 1  # and in the day-by-day run
+        daily = [_read_file(lake, p) for p in lake.partition_files(Dataset.FEATURES, day)]
+        # a few files a day (one per write task), the same files in the range run and the daily run
+        assert 1 <= len(daily) <= features.write_tasks(spark)
+        assert [t.to_pylist() for t in range_tables[day]] == [t.to_pylist() for t in daily]
+        for written in daily:  # each file: exactly FEATURE_SCHEMA's types, sorted by time then id
+            assert [(f.name, f.type) for f in written.schema] == [(f.name, f.type) for f in FEATURE_SCHEMA]
+            frame = written.to_pandas()
+            ordered = frame.sort_values(["TX_DATETIME", "TRANSACTION_ID"], kind="stable")
+            assert frame["TRANSACTION_ID"].tolist() == ordered["TRANSACTION_ID"].tolist()
         table = lake.read_table(Dataset.FEATURES, day, schema=FEATURE_SCHEMA)
         assert table.schema == FEATURE_SCHEMA
-        frame = table.to_pandas()
         expected_ids = sorted(r[0] for r in ROWS if r[1].date() == day)
-        assert sorted(frame["TRANSACTION_ID"]) == expected_ids
-        ordered = frame.sort_values(["TX_DATETIME", "TRANSACTION_ID"], kind="stable")
-        assert frame["TRANSACTION_ID"].tolist() == ordered["TRANSACTION_ID"].tolist()
+        assert sorted(table.column("TRANSACTION_ID").to_pylist()) == expected_ids
         assert lake.manifest(Dataset.FEATURES, day)["stats"] == {"rows": len(expected_ids)}
 
 

@@ -25,6 +25,16 @@ Every landing row ends in exactly one place:
 ``rows_in = clean + quarantined_total + duplicates_collapsed + label_updates``.
 The quarantine partition is published first and the clean one last, both carrying the day's stats,
 so a published clean partition implies its quarantine; the gate reads the clean manifest's stats.
+
+A range run (``--start/--end``) is one batch, not a loop of one-day runs: every landing day is
+first inspected on the driver (marker, headers, Parquet footers, required columns); the days up
+to the first bad one are read together (one scan per file layout, the day as a column), resolved
+per ``(day, TRANSACTION_ID)`` in one cached pass, counted in one aggregate, and written with one
+partitioned write per dataset into the days' attempt folders; then each day is published in date
+order. A one-day run is the same batch with one day, so a range gives every day the same rows,
+values and stats as day-by-day runs. When a day is bad, the good days before it are published
+and the run fails naming the bad day and every later one (published days are always a prefix of
+the range, so it can be rerun from the first day named).
 """
 
 from __future__ import annotations
@@ -39,19 +49,21 @@ if importlib.util.find_spec("jobs") is None:  # run as a file (spark-submit, pyt
 import csv  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import posixpath  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from datetime import date  # noqa: E402
 from functools import reduce  # noqa: E402
 
-import pyarrow.fs as pafs  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from pyspark import StorageLevel  # noqa: E402
-from pyspark.sql import Column, DataFrame, SparkSession, Window  # noqa: E402
+from pyspark.sql import Column, DataFrame, Row, SparkSession, Window  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 from pyspark.sql import types as T  # noqa: E402
 
-from jobs.common.lake import Attempt, Dataset, Lake  # noqa: E402
+from jobs.common.lake import ATTEMPT_PREFIX, Attempt, Dataset, Lake  # noqa: E402
 from jobs.common.schema import (  # noqa: E402
     CLEAN_SCHEMA,
     KEY,
@@ -62,12 +74,14 @@ from jobs.common.schema import (  # noqa: E402
     REQUIRED_RAW_COLUMNS,
     QuarantineReason,
 )
-from jobs.spark.session import date_args, get_spark, run_days, spark_schema  # noqa: E402
+from jobs.spark.session import date_args, get_spark, spark_schema  # noqa: E402
 
 SOURCE_FILE = "source_file"
 REASON = "reason"
 OUTCOME = "outcome"
 RAW = "raw"  # struct of the original string values
+DAY = "date"  # the landing day of a row; partitionBy names folders date=D/attempt=ID, the lake's layout
+ATTEMPT_COLUMN = ATTEMPT_PREFIX.rstrip("=")
 
 # Where each landing row ends up (the ``outcome`` column).
 CLEAN = "clean"
@@ -91,6 +105,8 @@ NUMBER_COLUMNS = (*INTEGER_COLUMNS, AMOUNT_COLUMN)
 # "2018" or a bare date and make a midnight of it.
 ISO_TIMESTAMP = r"^\d{4}-\d{2}-\d{2}[T ]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)?$"
 CSV_HEADER_BYTES = 1 << 16
+CLEAN_ORDER = (TIMESTAMP_COLUMN, KEY)  # row order within a clean file
+QUARANTINE_ORDER = (SOURCE_FILE, *RAW_COLUMNS, REASON)
 
 
 class CleanError(RuntimeError):
@@ -98,41 +114,92 @@ class CleanError(RuntimeError):
 
 
 # --- reading ------------------------------------------------------------------------------------
-def read_landing(spark: SparkSession, lake: Lake, day: date) -> tuple[DataFrame, int]:
-    """All rows of landing day D as strings (RAW columns + ``source_file``), and the file count."""
+@dataclass(frozen=True)
+class LandingFile:
+    """One data file of a landing day, as inspected on the driver before Spark reads it."""
+
+    path: str  # file-system path (what ``lake.fs`` takes)
+    uri: str  # file:// or s3:// (what ``source_file`` holds)
+    spark_uri: str  # file:// or s3a:// (what Spark reads)
+    fmt: str  # "csv" or "parquet"
+    names: tuple[str, ...]  # header / column names; () for a 0-byte CSV (no header, no rows)
+    layout: tuple[str, ...]  # names and types: files with equal layouts are read by one scan
+
+
+@dataclass(frozen=True)
+class LandingDay:
+    day: date
+    files: tuple[LandingFile, ...]
+
+
+def inspect_landing(lake: Lake, day: date) -> LandingDay:
+    """Check landing day D on the driver: marker, readable headers / footers, required columns.
+
+    Everything that makes a day bad as delivered is found here, before any Spark job, so a range
+    run knows its bad day up front. Raises :class:`CleanError`.
+    """
     folder = lake.to_uri(lake.partition_path(Dataset.LANDING, day))
     if not lake.landing_ready(day):
         raise CleanError(f"landing day {day} is not complete: no _SUCCESS marker in {folder}")
-    files = lake.landing_files(day)
-    frames = [read_landing_file(spark, lake, info) for info in files]
-    empty = spark.createDataFrame([], RAW_STRING_SCHEMA)
-    return reduce(DataFrame.unionByName, frames, empty), len(files)
+    files = []
+    for info in lake.landing_files(day):
+        uri = lake.to_uri(info.path)
+        if info.base_name.lower().endswith(".csv"):
+            fmt, names = "csv", tuple(_csv_header(lake, info.path))
+            layout = names
+        else:
+            try:
+                schema = pq.ParquetFile(info.path, filesystem=lake.fs).schema_arrow
+            except Exception as exc:
+                raise CleanError(f"cannot read Parquet file {uri}: {_first_line(exc)}") from exc
+            fmt, names = "parquet", tuple(schema.names)
+            layout = tuple(f"{f.name}:{f.type}" for f in schema)
+        if names:
+            _match_columns(names, uri)
+        files.append(LandingFile(info.path, uri, lake.to_spark_uri(info.path), fmt, names, layout))
+    return LandingDay(day, tuple(files))
 
 
-def read_landing_file(spark: SparkSession, lake: Lake, info: pafs.FileInfo) -> DataFrame:
-    """One landing file with every RAW column as a string; names match case-insensitively."""
-    uri = lake.to_uri(info.path)
-    if info.base_name.lower().endswith(".csv"):
-        header = _csv_header(lake, info.path)
-        if not header:  # a 0-byte file: no header, no rows
-            return spark.createDataFrame([], RAW_STRING_SCHEMA)
-        positional = T.StructType([T.StructField(f"_c{i}", T.StringType(), True) for i in range(len(header))])
+def read_landing(spark: SparkSession, days: Sequence[LandingDay]) -> DataFrame:
+    """All rows of the landing days as strings (RAW columns + ``source_file``) plus their ``date``.
+
+    Files of the same format and layout are read by one scan whatever their day (Spark names the
+    file each row comes from, which gives back its day and URI), so a range of days costs a
+    handful of scans, not one per file.
+    """
+    groups: dict[tuple[str, tuple[str, ...]], list[tuple[date, LandingFile]]] = {}
+    for landing in days:
+        for f in landing.files:
+            if f.names:  # a 0-byte CSV has no rows
+                groups.setdefault((f.fmt, f.layout), []).append((landing.day, f))
+    empty = spark.createDataFrame([], RAW_STRING_SCHEMA).withColumn(DAY, F.lit(None).cast(T.DateType()))
+    frames = [_read_group(spark, members) for members in groups.values()]
+    return reduce(DataFrame.unionByName, frames) if frames else empty
+
+
+def _read_group(spark: SparkSession, members: list[tuple[date, LandingFile]]) -> DataFrame:
+    first = members[0][1]
+    paths = [f.spark_uri for _, f in members]
+    if first.fmt == "csv":
+        positional = T.StructType(
+            [T.StructField(f"_c{i}", T.StringType(), True) for i in range(len(first.names))]
+        )
         frame = (
             spark.read.schema(positional)
-            .option("header", True)
+            .option("header", True)  # every file's own first line is its header
             .option("enforceSchema", True)  # the schema *is* the header, by position
             .option("mode", "PERMISSIVE")
-            .csv(lake.to_spark_uri(info.path))
+            .csv(paths)
         )
-        names, columns = header, positional.names
+        columns = positional.names
     else:
         try:
-            names = pq.ParquetFile(info.path, filesystem=lake.fs).schema_arrow.names
-            frame = spark.read.parquet(lake.to_spark_uri(info.path))
+            frame = spark.read.parquet(*paths)
         except Exception as exc:
-            raise CleanError(f"cannot read Parquet file {uri}: {_first_line(exc)}") from exc
-        columns = names
-    position = _match_columns(names, uri)
+            raise CleanError(f"cannot read Parquet file {first.uri}: {_first_line(exc)}") from exc
+        columns = list(first.names)
+    position = _match_columns(first.names, first.uri)
+    source, day = _file_of_row(members)
     return frame.select(
         *[
             F.col(_quoted(columns[position[name]])).cast("string").alias(name)
@@ -140,8 +207,29 @@ def read_landing_file(spark: SparkSession, lake: Lake, info: pafs.FileInfo) -> D
             else F.lit(None).cast("string").alias(name)
             for name in RAW_COLUMNS
         ],
-        F.lit(uri).alias(SOURCE_FILE),
+        source.alias(SOURCE_FILE),
+        day.alias(DAY),
     )
+
+
+def _file_of_row(members: list[tuple[date, LandingFile]]) -> tuple[Column, Column]:
+    """The landing URI and day of the file a row was read from (a failing job if Spark names another)."""
+    by_path = F.create_map(
+        *[
+            x
+            for day, f in members
+            for x in (F.lit(f.path.lstrip("/")), F.struct(F.lit(f.uri).alias("uri"), F.lit(day).alias("day")))
+        ]
+    )
+    spark_path = F.col("_metadata.file_path")
+    # Spark names files as URIs (file:/p, file:///p, s3a://bucket/key), possibly %-encoded.
+    found = F.coalesce(by_path[_strip_scheme(spark_path)], by_path[_strip_scheme(F.url_decode(spark_path))])
+    unknown = F.raise_error(F.concat(F.lit("clean: Spark read a file it was not given: "), spark_path))
+    return F.coalesce(found["uri"], unknown), found["day"]
+
+
+def _strip_scheme(path: Column) -> Column:
+    return F.regexp_replace(path, r"^[A-Za-z][A-Za-z0-9+.\-]*:/*", "")
 
 
 def _quoted(name: str) -> str:
@@ -180,6 +268,7 @@ def type_rows(raw: DataFrame) -> DataFrame:
     return raw.select(
         F.struct(*RAW_COLUMNS).alias(RAW),
         F.col(SOURCE_FILE),
+        F.col(DAY),
         *[_typed(field).alias(field.name) for field in CLEAN_SPARK_SCHEMA],
     )
 
@@ -210,8 +299,11 @@ def _is_unparsed(name: str) -> Column:
     return ~_is_blank(name) & F.col(name).isNull()
 
 
-def classify(typed: DataFrame, day: date) -> DataFrame:
-    """Add ``reason``: the first row-level rule the row breaks (null when it breaks none)."""
+def classify(typed: DataFrame) -> DataFrame:
+    """Add ``reason``: the first row-level rule the row breaks (null when it breaks none).
+
+    The day a row must fall on is its ``date`` column (the landing day it was delivered in).
+    """
     amount = F.col(AMOUNT_COLUMN)
     label = F.col(LABEL)
     has_null_required = reduce(Column.__or__, [_is_blank(name) for name in REQUIRED_RAW_COLUMNS])
@@ -219,7 +311,7 @@ def classify(typed: DataFrame, day: date) -> DataFrame:
     has_bad_timestamp = _is_unparsed(TIMESTAMP_COLUMN)
     is_non_finite_amount = F.isnan(amount) | (F.abs(amount) == float("inf"))
     is_negative_amount = amount < 0
-    is_outside_day = F.to_date(F.col(TIMESTAMP_COLUMN)) != F.lit(day)
+    is_outside_day = F.to_date(F.col(TIMESTAMP_COLUMN)) != F.col(DAY)
     has_bad_label = label.isNotNull() & ~label.isin(0, 1)
     reason = (
         F.when(has_null_required, QuarantineReason.NULL_REQUIRED)
@@ -234,9 +326,13 @@ def classify(typed: DataFrame, day: date) -> DataFrame:
 
 
 def deduplicate(classified: DataFrame) -> DataFrame:
-    """Add ``outcome`` (clean / quarantined / collapsed / label_update) and the final ``reason``."""
+    """Add ``outcome`` (clean / quarantined / collapsed / label_update) and the final ``reason``.
+
+    Rows are compared within their landing day only: a range run resolves each day exactly as a
+    run of that day alone does.
+    """
     is_rejected = F.col(REASON).isNotNull()
-    by_id = Window.partitionBy(is_rejected, KEY)  # rejected rows are never compared with valid ones
+    by_id = Window.partitionBy(DAY, is_rejected, KEY)  # rejected rows are never compared with valid ones
     labelled_first = by_id.orderBy(F.col(LABEL).isNull())
     is_labelled = F.col(LABEL).isNotNull()
     transaction = F.struct(*[name for name in RAW_COLUMNS if name not in LABEL_COLUMNS])
@@ -261,9 +357,9 @@ def deduplicate(classified: DataFrame) -> DataFrame:
 
 
 def clean_rows(resolved: DataFrame) -> DataFrame:
-    """The clean partition: CLEAN_SCHEMA, one row per transaction."""
+    """The clean partitions: CLEAN_SCHEMA, one row per transaction, plus the ``date`` column."""
     return resolved.filter(F.col(OUTCOME) == CLEAN).select(
-        *[F.col(f.name).cast(f.dataType) for f in CLEAN_SPARK_SCHEMA]
+        *[F.col(f.name).cast(f.dataType) for f in CLEAN_SPARK_SCHEMA], F.col(DAY)
     )
 
 
@@ -273,13 +369,13 @@ def quarantine_rows(resolved: DataFrame) -> DataFrame:
         *[
             F.col(f"{RAW}.{name}" if name in RAW_COLUMNS else name).alias(name)
             for name in QUARANTINE_SCHEMA.names
-        ]
+        ],
+        F.col(DAY),
     )
 
 
-def day_stats(resolved: DataFrame, files: int) -> dict:
-    """The manifest stats of one day (one small aggregate; at most a dozen rows come back)."""
-    counts = resolved.groupBy(OUTCOME, REASON).count().collect()
+def day_stats(counts: Sequence[Row], files: int) -> dict:
+    """The manifest stats of one day from its ``(outcome, reason, count)`` rows."""
     by_outcome = {outcome: 0 for outcome in (CLEAN, QUARANTINED, COLLAPSED, LABEL_UPDATE)}
     by_reason = dict.fromkeys(QuarantineReason.ALL, 0)
     for row in counts:
@@ -297,49 +393,179 @@ def day_stats(resolved: DataFrame, files: int) -> dict:
     }
 
 
-# --- one day ------------------------------------------------------------------------------------
-def _write(frame: DataFrame, attempt: Attempt, order: Sequence[str]) -> None:
-    frame.coalesce(1).sortWithinPartitions(*order).write.mode("overwrite").parquet(attempt.spark_uri)
+def batch_stats(resolved: DataFrame, days: Sequence[LandingDay]) -> dict[date, dict]:
+    """Every day's stats from one small aggregate (a dozen rows a day at most come back)."""
+    rows = resolved.groupBy(DAY, OUTCOME, REASON).count().collect()
+    by_day: dict[date, list[Row]] = {landing.day: [] for landing in days}
+    for row in rows:
+        if row[DAY] not in by_day:
+            raise CleanError(f"rows of an unexpected day {row[DAY]} (landing files of {_days(days)})")
+        by_day[row[DAY]].append(row)
+    return {landing.day: day_stats(by_day[landing.day], len(landing.files)) for landing in days}
+
+
+# --- writing and publishing ------------------------------------------------------------------------
+def write_partitions(
+    lake: Lake, frame: DataFrame, attempts: dict[date, Attempt], order: Sequence[str], schema: pa.Schema
+) -> None:
+    """Write every day of ``frame`` into its own attempt folder in one Spark job (one file a day).
+
+    Rows are hash-partitioned by day and sorted within partitions; ``partitionBy(date, attempt)``
+    puts each day's file in the attempt folder the lake made for it (``date=D/attempt=ID``), and
+    dynamic partition overwrite replaces just those folders. A day without rows gets an empty file
+    with the schema, as a one-day Spark write of no rows gives. Nothing is visible until published.
+    """
+    dataset = next(iter(attempts.values())).dataset
+    for day, attempt in attempts.items():
+        expected = lake.path(dataset, f"{DAY}={day.isoformat()}", f"{ATTEMPT_COLUMN}={attempt.attempt_id}")
+        if attempt.path != expected:
+            raise RuntimeError("the lake's partition layout is not date=D/attempt=ID any more")
+    attempt_of_day = F.create_map(*[F.lit(x) for day, a in attempts.items() for x in (day, a.attempt_id)])
+    (
+        _one_partition_a_day(frame.withColumn(ATTEMPT_COLUMN, attempt_of_day[F.col(DAY)]), len(attempts))
+        .sortWithinPartitions(DAY, ATTEMPT_COLUMN, *order)
+        .write.mode("overwrite")
+        .option("partitionOverwriteMode", "dynamic")
+        .partitionBy(DAY, ATTEMPT_COLUMN)
+        .parquet(lake.to_spark_uri(lake.path(dataset)))
+    )
+    for attempt in attempts.values():
+        if not any(i.base_name.endswith(".parquet") for i in lake.list_files(attempt.path)):
+            with lake.fs.open_output_stream(posixpath.join(attempt.path, "part-00000.parquet")) as f:
+                pq.write_table(schema.empty_table(), f)
+
+
+def _one_partition_a_day(frame: DataFrame, days: int) -> DataFrame:
+    """Every day's rows in one partition: no shuffle for one day, a hash shuffle by day for more."""
+    return frame.coalesce(1) if days == 1 else frame.repartition(days, DAY)
+
+
+def clean_batch(spark: SparkSession, lake: Lake, days: Sequence[LandingDay]) -> tuple[int, Exception | None]:
+    """Clean inspected landing days together and publish them in date order.
+
+    One read of every file, one cached resolve, one stats aggregate and one partitioned write per
+    output dataset, whatever the number of days. Raises if the Spark part fails (nothing is
+    published then); returns ``(days published, None)``, or the count published before a publish
+    failed and its error (the attempts of the days not published are removed).
+    """
+    started = time.time()
+    resolved = deduplicate(classify(type_rows(read_landing(spark, days)))).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
+    attempts: dict[str, dict[date, Attempt]] = {}
+    try:
+        try:
+            stats = batch_stats(resolved, days)
+        except CleanError:
+            raise
+        except Exception as exc:
+            raise CleanError(f"cleaning landing of {_days(days)} failed: {_first_line(exc)}") from exc
+        for dataset in (Dataset.QUARANTINE, Dataset.CLEAN):
+            attempts[dataset] = {landing.day: lake.new_attempt(dataset, landing.day) for landing in days}
+        write_partitions(
+            lake, quarantine_rows(resolved), attempts[Dataset.QUARANTINE], QUARANTINE_ORDER, QUARANTINE_SCHEMA
+        )
+        write_partitions(lake, clean_rows(resolved), attempts[Dataset.CLEAN], CLEAN_ORDER, CLEAN_SCHEMA)
+    except Exception:
+        for by_day in attempts.values():
+            for attempt in by_day.values():
+                lake.delete_dir(attempt.path)
+        raise
+    finally:
+        resolved.unpersist()
+    seconds = round(time.time() - started, 3)
+    for i, landing in enumerate(days):
+        day = landing.day
+        try:
+            # quarantine first: a published clean day implies its quarantine
+            lake.publish(attempts[Dataset.QUARANTINE][day], stats=stats[day])
+            lake.publish(attempts[Dataset.CLEAN][day], stats=stats[day])
+            record = {"date": day.isoformat(), "seconds": seconds, "batch": _days(days), "stats": stats[day]}
+            lake.write_run_record("clean", day, attempts[Dataset.CLEAN][day].attempt_id, record)
+        except Exception as exc:  # noqa: BLE001 - the caller names the days not done
+            for later in days[i:]:
+                for dataset in (Dataset.QUARANTINE, Dataset.CLEAN):
+                    attempt = attempts[dataset][later.day]
+                    if (lake.manifest(dataset, later.day) or {}).get("attempt") != attempt.attempt_id:
+                        lake.delete_dir(attempt.path)
+            return i, exc
+        print(
+            json.dumps({"step": "clean", "date": day.isoformat(), **stats[day]}, sort_keys=True), flush=True
+        )
+    return len(days), None
+
+
+def clean_days(spark: SparkSession, lake: Lake, days: Sequence[date]) -> int:
+    """Clean ``days`` (in date order) with as few Spark jobs as possible; 0, or 1 naming the days not done.
+
+    Every day is inspected on the driver first; the days before the first bad one (no
+    ``_SUCCESS``, an unreadable file, a missing column) are cleaned as one batch and published in
+    date order, and the run then fails naming the bad day and every later day: the published days
+    are always a prefix of the range, so the range can be rerun from the day named first. If the
+    batch fails inside Spark (a file whose damage only shows when read), the same days are cleaned
+    one by one to find and name the bad one.
+    """
+    ready: list[LandingDay] = []
+    failure: tuple[date, Exception] | None = None
+    for day in days:
+        try:
+            ready.append(inspect_landing(lake, day))
+        except CleanError as exc:
+            failure = (day, exc)
+            break
+    if ready:
+        done, error = _clean_batch_or_each(spark, lake, ready)
+        if error is not None:
+            failure = (ready[done].day, error)
+    if failure is None:
+        return 0
+    day, exc = failure
+    not_done = ", ".join(d.isoformat() for d in days if d >= day)
+    print(f"clean: failed on {day}: {exc}", file=sys.stderr)
+    print(f"clean: days not done: {not_done}", file=sys.stderr)
+    return 1
+
+
+def _clean_batch_or_each(
+    spark: SparkSession, lake: Lake, days: list[LandingDay]
+) -> tuple[int, Exception | None]:
+    try:
+        return clean_batch(spark, lake, days)
+    except Exception as exc:  # noqa: BLE001 - reported, or narrowed down day by day
+        if len(days) == 1:
+            return 0, exc
+        print(
+            f"clean: cleaning {_days(days)} together failed ({_first_line(exc)}); cleaning day by day",
+            file=sys.stderr,
+        )
+    for i, landing in enumerate(days):
+        try:
+            done, error = clean_batch(spark, lake, [landing])
+        except Exception as exc:  # noqa: BLE001 - reported with the days not done
+            done, error = 0, exc
+        if error is not None:
+            return i + done, error
+    return len(days), None
 
 
 def clean_day(spark: SparkSession, lake: Lake, day: date) -> dict:
-    """Clean landing day D and publish quarantine, then clean; return the stats."""
-    started = time.time()
-    raw, files = read_landing(spark, lake, day)
-    resolved = deduplicate(classify(type_rows(raw), day)).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        try:
-            stats = day_stats(resolved, files)
-        except Exception as exc:
-            folder = lake.to_uri(lake.partition_path(Dataset.LANDING, day))
-            raise CleanError(f"cleaning {folder} failed: {_first_line(exc)}") from exc
-        attempts = [lake.new_attempt(Dataset.QUARANTINE, day), lake.new_attempt(Dataset.CLEAN, day)]
-        try:
-            _write(quarantine_rows(resolved), attempts[0], [SOURCE_FILE, *RAW_COLUMNS, REASON])
-            _write(clean_rows(resolved), attempts[1], [TIMESTAMP_COLUMN, KEY])
-        except Exception:
-            for attempt in attempts:
-                lake.delete_dir(attempt.path)
-            raise
-    finally:
-        resolved.unpersist()
-    for attempt in attempts:  # quarantine first: a published clean day implies its quarantine
-        lake.publish(attempt, stats=stats)
-    lake.write_run_record(
-        "clean",
-        day,
-        attempts[1].attempt_id,
-        {"date": day.isoformat(), "seconds": round(time.time() - started, 3), "stats": stats},
-    )
-    print(json.dumps({"step": "clean", "date": day.isoformat(), **stats}, sort_keys=True), flush=True)
-    return stats
+    """Clean landing day D and publish quarantine, then clean; return the stats (raises on failure)."""
+    done, error = clean_batch(spark, lake, [inspect_landing(lake, day)])
+    if error is not None:
+        raise error
+    return lake.manifest(Dataset.CLEAN, day)["stats"]
+
+
+def _days(days: Sequence[LandingDay]) -> str:
+    first, last = days[0].day, days[-1].day
+    return first.isoformat() if first == last else f"{first}..{last}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = date_args("Clean landing transactions into the clean and quarantine partitions.", argv)
     lake = Lake.from_uri(args.lake)
     spark = get_spark("fraud-clean")
-    return run_days(args.days, lambda day: clean_day(spark, lake, day), "clean")
+    return clean_days(spark, lake, args.days)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,15 @@
     spark-submit jobs/spark/features.py --lake URI --date D          # or --start D1 --end D2
 
 Reads the published clean partitions, computes the 14 features exactly (microsecond window
-bounds, same-second peers inside) and publishes ``features/transactions/date=D`` per day, one
-Parquet file sorted by ``TX_DATETIME, TRANSACTION_ID``. A range run reads its history once,
-computes every day in one pass and publishes the days in date order.
+bounds, same-second peers inside) and publishes ``features/transactions/date=D`` per day. A range
+run reads its history once, computes every day in one pass and publishes the days in date order.
+
+File layout: the days are written straight from the terminal pass (no shuffle by date: it would
+move every row once more). That pass has as many partitions as Spark runs tasks at once
+(:func:`write_tasks`, 2 in local[2]), so a day has up to that many files, each sorted by
+``TX_DATETIME, TRANSACTION_ID`` and listed by the manifest in partition order. Which file a row
+goes to depends only on the hash of its ``TERMINAL_ID`` and that count, so a range run and
+day-by-day runs (same settings) write the same rows in the same files in the same order.
 
 Cost grows like sorting, not like rows x rows-in-window: rows are hash-partitioned by customer
 (then by terminal) and each partition is handed to ``jobs.spark.windows`` as one Arrow table,
@@ -134,14 +140,17 @@ def compute_features(
     end: date,
     windows_days: Sequence[int] = WINDOWS_DAYS,
     partitions: int | None = None,
+    terminal_partitions: int | None = None,
 ) -> DataFrame:
     """Clean rows of days start-37 .. end -> one feature row per clean row of days start .. end.
 
     ``windows_days`` other than the default (1, 7, 30) is for benchmarks: the output then has
-    only those window columns, and not the FEATURE_SCHEMA order.
+    only those window columns, and not the FEATURE_SCHEMA order. The terminal pass has
+    ``terminal_partitions`` partitions (default :func:`write_tasks`): its output is what is written.
     """
     spark = clean.sparkSession
     partitions = partitions or int(spark.conf.get("spark.sql.shuffle.partitions"))
+    terminal_partitions = terminal_partitions or write_tasks(spark)
     customer_names = {n: (customer_count(n), customer_avg_amount(n)) for n in windows_days}
     terminal_names = {n: (terminal_count(n), terminal_risk(n)) for n in windows_days}
 
@@ -157,7 +166,7 @@ def compute_features(
         ),
         _extend(rows.schema, customer_names),
     )
-    with_terminal = with_customer.repartition(partitions, "TERMINAL_ID").mapInArrow(
+    with_terminal = with_customer.repartition(terminal_partitions, "TERMINAL_ID").mapInArrow(
         partial(
             windows.add_terminal_windows,
             key="TERMINAL_ID",
@@ -195,12 +204,15 @@ def _extend(schema: T.StructType, names: dict[int, tuple[str, str]]) -> T.Struct
 # --- outputs -----------------------------------------------------------------------------------
 
 
-def write_days(lake: Lake, features: DataFrame, days: Sequence[date], partitions: int) -> dict[date, Attempt]:
+def write_days(lake: Lake, features: DataFrame, days: Sequence[date]) -> dict[date, Attempt]:
     """Write every day into its own fresh attempt folder in one Spark job; return the attempts.
 
-    Rows are partitioned by day (so each day is one file) and sorted by ``TX_DATETIME,
-    TRANSACTION_ID``; Spark's ``partitionBy(date, attempt)`` puts each day's file in the attempt
-    folder the lake made for it. Dynamic partition overwrite stages the job's files in a folder of
+    Rows stay in the partitions of the terminal pass (a shuffle by date would move every row once
+    more) and are sorted within them by day, then ``TX_DATETIME, TRANSACTION_ID``; Spark's
+    ``partitionBy(date, attempt)`` puts each partition's rows of a day into one file in the
+    attempt folder the lake made for that day. The terminal pass has few partitions
+    (:func:`write_tasks`) so that a day has few files: a file costs more to open, commit and
+    publish than its rows cost to sort. Dynamic partition overwrite stages the job's files in a folder of
     their own, so concurrent runs for other days do not meet, and touches no other folder.
     Nothing is visible until :func:`publish_in_order`.
     """
@@ -215,7 +227,6 @@ def write_days(lake: Lake, features: DataFrame, days: Sequence[date], partitions
     (
         features.withColumn(DATE_COLUMN, F.to_date("TX_DATETIME"))
         .withColumn(ATTEMPT_COLUMN, attempt_of_day[F.col(DATE_COLUMN)])
-        .repartition(partitions, DATE_COLUMN)
         .sortWithinPartitions(DATE_COLUMN, ATTEMPT_COLUMN, "TX_DATETIME", "TRANSACTION_ID")
         .write.mode("overwrite")
         .option("partitionOverwriteMode", "dynamic")
@@ -223,6 +234,12 @@ def write_days(lake: Lake, features: DataFrame, days: Sequence[date], partitions
         .parquet(lake.to_spark_uri(lake.path(Dataset.FEATURES)))
     )
     return attempts
+
+
+def write_tasks(spark: SparkSession) -> int:
+    """Partitions of the terminal pass, so the most files a day has: the tasks Spark runs at once."""
+    partitions = int(spark.conf.get("spark.sql.shuffle.partitions"))
+    return max(1, min(partitions, spark.sparkContext.defaultParallelism))
 
 
 def publish_in_order(lake: Lake, attempts: dict[date, Attempt]) -> int:
@@ -268,7 +285,7 @@ def run(spark: SparkSession, lake: Lake, inputs: Inputs) -> int:
     try:
         partitions = int(spark.conf.get("spark.sql.shuffle.partitions"))
         features = compute_features(read_clean(spark, inputs.files), days[0], days[-1], partitions=partitions)
-        attempts = write_days(lake, features, days, partitions)
+        attempts = write_days(lake, features, days)
     except Exception as exc:  # noqa: BLE001 - reported with the days not done
         print(f"{STEP}: failed: {exc}", file=sys.stderr)
         print(f"{STEP}: days not done: {format_days(days)}", file=sys.stderr)

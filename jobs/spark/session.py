@@ -51,6 +51,9 @@ def get_spark(app_name: str) -> SparkSession:
         .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.ui.enabled", "false")
+        # Jobs name their input files one by one (a day's published files); listing a few hundred
+        # of them on the driver is quicker than the Spark job Spark starts from 32 paths up.
+        .config("spark.sql.sources.parallelPartitionDiscovery.threshold", "1024")
     )
     # spark-submit sets spark.master; a plain `python` run gets the configured local master.
     if "spark.master" not in SparkSession.builder._options and not _submitted_with_master():
