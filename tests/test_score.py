@@ -126,3 +126,38 @@ def test_a_model_for_other_features_is_refused(trained_lake):
         torch.save({**ckpt, key: value}, buf)
         with pytest.raises(score.IncompatibleModel):
             score.load_version(buf.getvalue(), "bad")
+
+
+def test_fast_alerts_match_a_full_group_by():
+    rng = np.random.default_rng(0)
+    n = 20_000
+    card = rng.integers(0, 3_000, n)
+    score_values = np.round(rng.random(n), 3)  # many ties, across and within cards
+    table = pa.table({"TRANSACTION_ID": np.arange(n), "CUSTOMER_ID": card,
+                      "TX_DATETIME": pa.array(np.zeros(n, np.int64), pa.timestamp("us")),
+                      "score": score_values, "model_version": ["v"] * n}, schema=SCORES_SCHEMA)
+    for k in (1, 100, 2_500):
+        cards = table.group_by("CUSTOMER_ID").aggregate([("score", "max"), ("score", "count")])
+        cards = cards.sort_by([("score_max", "descending"), ("CUSTOMER_ID", "ascending")]).slice(0, k)
+        got = score.alerts_table(table, k)
+        assert got.column("CUSTOMER_ID").to_pylist() == cards.column("CUSTOMER_ID").to_pylist()
+        assert got.column("score").to_pylist() == cards.column("score_max").to_pylist()
+        assert got.column("n_tx").to_pylist() == cards.column("score_count").to_pylist()
+
+
+def test_folded_chunked_scoring_matches_the_scorer_module():
+    from jobs.torch.model import InputTransform, ModelConfig, build_model, scorer_for
+
+    torch.manual_seed(0)
+    cfg = score.ModelConfig(hidden=[64, 32])
+    x = torch.rand(5_000, len(score.MODEL_INPUTS)) * 50
+    scorer = scorer_for(cfg, InputTransform.fit(x), build_model(ModelConfig(hidden=[64, 32]))).eval()
+    loaded = score.Loaded("v", cfg, scorer)
+    with torch.no_grad():
+        expected = scorer(x).double().numpy()
+    cols = [x[:, j].double().numpy() for j in range(x.shape[1])]
+    for workers in (1, 2):
+        got = score.predict_columns(loaded, cols, workers=workers, chunk=700)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    assert np.array_equal(score.predict_columns(loaded, cols, workers=2, chunk=700),
+                          score.predict_columns(loaded, cols, workers=1, chunk=700))  # scheduling-independent

@@ -176,3 +176,31 @@ def test_torchrun_with_two_processes_trains_with_ddp_and_only_rank_0_writes(lake
     assert registry.decision(T1)["outcome"] == R.PROMOTED
     assert len(registry.versions()) == 1
     assert json.loads(registry.read_file(registry.decision(T1)["champion"], R.LINEAGE))["world_size"] == 2
+
+
+def test_byte_dropout_keeps_the_expected_share_unbiased_and_repeatably():
+    from jobs.torch.model import ByteDropout
+
+    drop = ByteDropout(0.2).train()
+    x = torch.ones(1_000, 500)
+    torch.manual_seed(0)
+    a = drop(x)
+    torch.manual_seed(0)
+    assert torch.equal(a, drop(x))
+    assert abs(float((a > 0).float().mean()) - 0.8) < 0.005
+    assert abs(float(a.mean()) - 1.0) < 0.01
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_an_ensemble_is_stored_as_one_wider_mlp_with_the_mean_logit():
+    from jobs.torch.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    members = [build_model(ModelConfig(hidden=[8])).eval() for _ in range(3)]
+    cfg = train.TrainConfig(lake="x", date="2018-04-15", hidden=[8], ensemble=3).resolved()
+    assert cfg.model_config().hidden == [24] and cfg.member_config().hidden == [8]
+    merged = train.merge_ensemble(members, cfg.model_config())
+    z = torch.randn(50, 25)
+    with torch.no_grad():
+        expected = torch.stack([m(z) for m in members]).mean(dim=0)
+        torch.testing.assert_close(merged(z), expected, rtol=1e-5, atol=1e-6)

@@ -61,12 +61,40 @@ class ModelConfig:
         return asdict(self)
 
 
+class ByteDropout(nn.Module):
+    """Dropout whose CPU mask costs a sixth of ``bernoulli_``'s random draws.
+
+    ``torch.bernoulli_`` draws one 32-bit random number per element (half the CPU time of a
+    training step of the 500-unit MLP, measured). Here one 64-bit draw gives six random bytes
+    (its top bytes are not fully random, so they are unused); an element is kept when its byte is
+    below ``round(256 (1 - p))``, i.e. with probability within 1/512 of ``1 - p``, and kept
+    elements are scaled by the exact inverse of that probability (unbiased). Same generator,
+    so a seed still fixes the bytes. Identity in eval mode; plain dropout on other devices.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.keep_below = round(256 * (1 - p))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p <= 0:
+            return x
+        if x.device.type != "cpu":
+            return nn.functional.dropout(x, self.p, True)
+        n = x.numel()
+        words = torch.empty((n + 5) // 6, dtype=torch.int64).random_()
+        random_bytes = words.view(torch.uint8).view(-1, 8)[:, :6].reshape(-1)[:n]
+        mask = (random_bytes < self.keep_below).view_as(x).to(x.dtype).mul_(256 / self.keep_below)
+        return x * mask
+
+
 class MLP(nn.Module):
     def __init__(self, n_in: int, hidden: list[int], dropout: float):
         super().__init__()
         layers: list[nn.Module] = []
         for h in hidden:
-            layers += [nn.Linear(n_in, h), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(n_in, h), nn.ReLU(), ByteDropout(dropout)]
             n_in = h
         layers.append(nn.Linear(n_in, 1))
         self.net = nn.Sequential(*layers)
