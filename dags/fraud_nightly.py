@@ -117,7 +117,7 @@ def fraud_nightly():
 
     run = plan()
     lake, day = run["lake"], run["day"]
-    wait = {"poke_interval": CFG.poke_seconds, "timeout": CFG.wait_timeout_hours * 3600}
+    wait = {"poke_interval": CFG.poke_seconds, "timeout": CFG.wait_timeout_hours * 3600, "mode": CFG.sensor_mode}
 
     landing = LandingSensor(
         task_id="wait_for_landing",
@@ -125,6 +125,7 @@ def fraud_nightly():
         day=day,
         poke_interval=CFG.poke_seconds,
         timeout=CFG.landing_timeout_hours * 3600,
+        mode=CFG.sensor_mode,
     )
     clean = SparkJobOperator(
         task_id="clean", job="clean", lake=lake, day=day, conn_id=CFG.spark_conn_id,

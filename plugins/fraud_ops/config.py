@@ -34,6 +34,7 @@ ENV_DOC = {
     "FRAUD_RETRY_DELAY_SECONDS": "first retry delay, doubled each retry (default 60)",
     "FRAUD_TASK_TIMEOUT_MINUTES": "execution_timeout of every task (default 120)",
     "FRAUD_POKE_SECONDS": "how often sensors look (default 120)",
+    "FRAUD_SENSOR_MODE": "reschedule (a waiting sensor frees its worker slot; the default) or poke",
     "FRAUD_LANDING_TIMEOUT_HOURS": "how long to wait for the landing _SUCCESS (default 12)",
     "FRAUD_WAIT_TIMEOUT_HOURS": "how long to wait for history partitions and decisions (default 24)",
     "FRAUD_GATE_MAX_QUARANTINE_SHARE": "fail the run if quarantined/rows_in exceeds this (default 0.05)",
@@ -61,6 +62,7 @@ class Orchestration:
     retry_delay_seconds: int
     task_timeout_minutes: int
     poke_seconds: int
+    sensor_mode: str
     landing_timeout_hours: float
     wait_timeout_hours: float
     notify_webhook_url: str | None
@@ -97,6 +99,7 @@ def orchestration() -> Orchestration:
         retry_delay_seconds=int(_env("FRAUD_RETRY_DELAY_SECONDS", "60")),
         task_timeout_minutes=int(_env("FRAUD_TASK_TIMEOUT_MINUTES", "120")),
         poke_seconds=int(_env("FRAUD_POKE_SECONDS", "120")),
+        sensor_mode=_env("FRAUD_SENSOR_MODE", "reschedule"),
         landing_timeout_hours=float(_env("FRAUD_LANDING_TIMEOUT_HOURS", "12")),
         wait_timeout_hours=float(_env("FRAUD_WAIT_TIMEOUT_HOURS", "24")),
         notify_webhook_url=os.environ.get("FRAUD_NOTIFY_WEBHOOK_URL") or None,
