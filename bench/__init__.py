@@ -6,7 +6,7 @@ import os
 import platform
 import re
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -43,7 +43,7 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section ``name`` of bench/RESULTS.md, stamped with machine and date."""
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
     block = f"<!-- {name}:start -->\n## {name}\n\nMachine: {machine()}. Measured {stamp}.\n\n{body.strip()}\n<!-- {name}:end -->"
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by `make bench` (`python -m bench`).\n"
     pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
