@@ -13,6 +13,7 @@ from fraud_ops.sensors import DecisionSensor, LandingSensor, PartitionsSensor
 from fraud_ops.spark import SparkJobOperator
 
 from jobs.common.config import EXIT_NO_CHAMPION, settings
+from jobs.common.schedule import CARD_HISTORY_DAYS
 
 CFG = orchestration()
 STEP = settings()
@@ -53,7 +54,7 @@ DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
             description="Leave empty to process the run's data interval (the last complete UTC day).",
         ),
         "force_retrain": Param(False, type="boolean", title="Train even if D is not a training day"),
-        "model": Param("mlp", type="string", enum=["mlp", "seq"], title="Model kind to train"),
+        "model": Param(STEP.model, type="string", enum=["mlp", "seq"], title="Model kind to train"),
         "window_days": Param(
             STEP.train_window_days, type="integer", minimum=1, maximum=90, title="Training window (days)"
         ),
@@ -76,9 +77,10 @@ def fraud_nightly():
     5. **train_today** branches: on a training day (or with *force_retrain*) **train** (PyTorch,
        on a GPU when the runner has one) trains on the window ending D-8 and decides promotion,
        after **wait_for_training_inputs** (its feature days and the previous training day's decision);
-    6. **wait_for_decision** waits for the decision of the latest training day <= D, then **score**
-       scores D with the champion as of D and writes the top-k alerts (skipped, with the reason, when
-       there is no champion yet);
+    6. **wait_for_decision** waits for the decision of the latest training day <= D and
+       **wait_for_feature_history** for the features of D-7 .. D-1 (the sequence model's card
+       history), then **score** scores D with the champion as of D and writes the top-k alerts
+       (skipped, with the reason, when there is no champion yet);
     7. **report** writes `reports/date=D/` (JSON and a page with plots).
 
     Data moves only through the lake (`FRAUD_LAKE_URI`); tasks pass the lake URI and the date.
@@ -139,9 +141,9 @@ def fraud_nightly():
         task_id="features", job="features", lake=lake, day=day, conn_id=CFG.spark_conn_id,
         conf=CFG.spark_conf, driver_memory=STEP.spark_driver_memory, outlets=[FEATURES],
     )  # fmt: skip
-    training_inputs = PartitionsSensor(
+    training_inputs = PartitionsSensor(  # the windows ending D-8 and D-15, and the card history before them
         task_id="wait_for_training_inputs", dataset="features/transactions", lake=lake, day=day,
-        first_back="{{ 14 + params.window_days }}", last_back=8, **wait,
+        first_back=f"{{{{ {14 + CARD_HISTORY_DAYS} + params.window_days }}}}", last_back=8, **wait,
     )  # fmt: skip
     previous_decision = DecisionSensor(
         task_id="wait_for_previous_decision", which="previous", lake=lake, day=day, **wait
@@ -157,6 +159,10 @@ def fraud_nightly():
         task_id="wait_for_decision", which="latest", lake=lake, day=day,
         trigger_rule="none_failed_min_one_success", **wait,
     )  # fmt: skip
+    feature_history = PartitionsSensor(  # the sequence model's card history: features of D-7 .. D-1
+        task_id="wait_for_feature_history", dataset="features/transactions", lake=lake, day=day,
+        first_back=CARD_HISTORY_DAYS, last_back=1, **wait,
+    )  # fmt: skip
     score = torch_task(
         "score", "score", ["--lake", lake, "--date", day, "--k", "{{ params.k }}"],
         CFG, skip_on_exit_code=EXIT_NO_CHAMPION, file_lake_uri=STEP.lake_uri, outlets=[SCORES, ALERTS],
@@ -171,7 +177,7 @@ def fraud_nightly():
     landing >> clean >> clean_history >> gate >> features >> branch
     branch >> training_inputs >> previous_decision >> train >> decision
     branch >> no_training >> decision
-    decision >> score >> report
+    decision >> feature_history >> score >> report
 
 
 fraud_nightly()

@@ -25,7 +25,8 @@ EXPECTED_GRAPH = {
     "wait_for_previous_decision": {"train"},
     "train": {"wait_for_decision"},
     "no_training": {"wait_for_decision"},
-    "wait_for_decision": {"score"},
+    "wait_for_decision": {"wait_for_feature_history"},
+    "wait_for_feature_history": {"score"},
     "score": {"report"},
     "report": set(),
 }

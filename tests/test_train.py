@@ -82,18 +82,30 @@ def test_training_is_deterministic_on_cpu_and_writes_a_complete_version(tmp_path
     assert registry.decision(T1) == decision
 
 
-def test_exported_program_scores_like_the_checkpoint_without_project_code(lake, tmp_path):
+@pytest.mark.parametrize("kind", ["mlp", "seq"])
+def test_exported_program_scores_like_the_checkpoint_without_project_code(lake, tmp_path, kind):
     publish(lake, days=7)
-    assert run_train(lake, T1) == 0
+    assert run_train(lake, T1, "--model", kind) == 0
     registry = R.Registry(lake)
     version = registry.champion_as_of(T1)["version"]
     loaded = load_version(registry.read_file(version, R.CHECKPOINT), version)
-    frame = read_features(lake, [FIRST])
-    expected = predict(loaded, frame)
-    np.save(tmp_path / "x.npy", frame.x)
+    assert loaded.config.kind == kind
+    day = FIRST + timedelta(days=2)
+    if kind == "seq":  # the program takes the card history as tensors: rows, previous rows, gaps, presence
+        frame, history = read_with_history(lake, [day], loaded.config.seq_len, loaded.config.lookback_days, FIRST)
+        present = history.prev >= 0
+        inputs = [frame.x, history.pool[np.maximum(history.prev, 0)], history.gap_days, present.astype(np.float32)]
+        assert present.any() and not present.all()  # some rows have history, some do not
+    else:
+        frame, history = read_features(lake, [day]), None
+        inputs = [frame.x]
+    expected = predict(loaded, frame, history)
+    for i, array in enumerate(inputs):
+        np.save(tmp_path / f"in{i}.npy", array)
     (tmp_path / "model.pt2").write_bytes(registry.read_file(version, R.EXPORT))
     code = ("import numpy as np, torch; p = torch.export.load('model.pt2').module(); "
-            "print(repr(p(torch.from_numpy(np.load('x.npy'))).detach().double().numpy().tolist()))")
+            f"args = [torch.from_numpy(np.load(f'in{{i}}.npy')) for i in range({len(inputs)})]; "
+            "print(repr(p(*args).detach().double().numpy().tolist()))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -192,12 +204,29 @@ def test_byte_dropout_keeps_the_expected_share_unbiased_and_repeatably():
     assert torch.equal(drop.eval()(x), x)
 
 
+def test_fused_relu_dropout_gives_the_values_and_gradients_of_relu_then_dropout():
+    from jobs.torch.model import ByteDropout
+
+    drop = ByteDropout(0.2).train()
+    x = torch.randn(300, 70, requires_grad=True)
+    upstream = torch.randn(300, 70)
+    torch.manual_seed(3)
+    separate = drop(torch.relu(x))
+    (grad_separate,) = torch.autograd.grad(separate, x, upstream)
+    torch.manual_seed(3)
+    fused = drop.relu_then_drop(x)
+    (grad_fused,) = torch.autograd.grad(fused, x, upstream)
+    assert torch.equal(fused, separate)
+    assert torch.equal(grad_fused, grad_separate)
+    assert 0.3 < float((fused > 0).float().mean()) < 0.5  # ~half positive, ~80% of those kept
+
+
 def test_an_ensemble_is_stored_as_one_wider_mlp_with_the_mean_logit():
     from jobs.torch.model import ModelConfig, build_model
 
     torch.manual_seed(0)
     members = [build_model(ModelConfig(hidden=[8])).eval() for _ in range(3)]
-    cfg = train.TrainConfig(lake="x", date="2018-04-15", hidden=[8], ensemble=3).resolved()
+    cfg = train.TrainConfig(lake="x", date="2018-04-15", model="mlp", hidden=[8], ensemble=3).resolved()
     assert cfg.model_config().hidden == [24] and cfg.member_config().hidden == [8]
     merged = train.merge_ensemble(members, cfg.model_config())
     z = torch.randn(50, 25)

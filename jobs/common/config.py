@@ -35,6 +35,7 @@ class Settings:
     first_date: date
     train_every_days: int
     train_window_days: int
+    model: str
     alert_k: int
     promotion_tolerance: float
     spark_master: str
@@ -49,6 +50,7 @@ ENV_DOC = {
     "FRAUD_FIRST_DATE": "the pipeline's first date, anchor of the training schedule (default 2018-04-01)",
     "FRAUD_TRAIN_EVERY_DAYS": "days between training days (default 7)",
     "FRAUD_TRAIN_WINDOW_DAYS": "length of the labelled training window in days (default 21, chosen on validation folds)",
+    "FRAUD_MODEL": "model kind trained by default: seq (card history, default) or mlp",
     "FRAUD_ALERT_K": "cards in the daily alert list (default 100)",
     "FRAUD_PROMOTION_TOLERANCE": "average-precision tolerance for promotion (default 0.005)",
     "FRAUD_SPARK_MASTER": "Spark master for spark-submit outside Airflow (default local[2])",
@@ -72,6 +74,7 @@ def settings() -> Settings:
         first_date=date.fromisoformat(_env("FRAUD_FIRST_DATE", "2018-04-01")),
         train_every_days=int(_env("FRAUD_TRAIN_EVERY_DAYS", "7")),
         train_window_days=int(_env("FRAUD_TRAIN_WINDOW_DAYS", "21")),
+        model=_env("FRAUD_MODEL", "seq"),
         alert_k=int(_env("FRAUD_ALERT_K", "100")),
         promotion_tolerance=float(_env("FRAUD_PROMOTION_TOLERANCE", "0.005")),
         spark_master=_env("FRAUD_SPARK_MASTER", "local[2]"),

@@ -240,13 +240,24 @@ class Lake:
 
     def list_dir(self, fs_path: str) -> list[pafs.FileInfo]:
         """Direct children of a folder (empty if it does not exist)."""
-        infos = self.fs.get_file_info(pafs.FileSelector(fs_path, allow_not_found=True, recursive=False))
-        return sorted(infos, key=lambda i: i.path)
+        return sorted(self._list(fs_path, recursive=False), key=lambda i: i.path)
 
     def list_files(self, fs_path: str) -> list[pafs.FileInfo]:
         """All files below a folder, recursively (empty if it does not exist)."""
-        infos = self.fs.get_file_info(pafs.FileSelector(fs_path, allow_not_found=True, recursive=True))
+        infos = self._list(fs_path, recursive=True)
         return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+
+    def _list(self, fs_path: str, recursive: bool) -> list[pafs.FileInfo]:
+        # allow_not_found covers a folder that is absent, but on a directory pyarrow can still raise
+        # FileNotFoundError while another writer is creating it (seen with concurrent registry
+        # writers): look again, and an absent folder is an empty listing.
+        for _ in range(3):
+            try:
+                return self.fs.get_file_info(pafs.FileSelector(fs_path, allow_not_found=True, recursive=recursive))
+            except FileNotFoundError:
+                if not self.exists(fs_path):
+                    return []
+        return self.fs.get_file_info(pafs.FileSelector(fs_path, allow_not_found=True, recursive=recursive))
 
     def delete_dir(self, fs_path: str) -> None:
         if self.exists(fs_path):

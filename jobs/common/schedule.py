@@ -16,6 +16,7 @@ from jobs.common.schema import LABEL_DELAY_DAYS
 
 # Training for T may use whole days whose labels all matured before T began: days <= T - 8.
 LAST_LABELLED_OFFSET = LABEL_DELAY_DAYS + 1
+CARD_HISTORY_DAYS = 7  # feature days before a scored or trained day that the sequence model's card history reaches
 
 
 @dataclass(frozen=True)

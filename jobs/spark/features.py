@@ -6,8 +6,9 @@ Reads the published clean partitions, computes the 14 features exactly (microsec
 bounds, same-second peers inside) and publishes ``features/transactions/date=D`` per day. A range
 run reads its history once, computes every day in one pass and publishes the days in date order.
 
-File layout: the days are written straight from the terminal pass (no shuffle by date: it would
-move every row once more). That pass has as many partitions as Spark runs tasks at once
+File layout: the days are written straight from the terminal pass, by its Python workers
+(``jobs.spark.day_files``, pyarrow through the lake's file system), with no shuffle by date, no
+JVM sort and no Spark writer. That pass has as many partitions as Spark runs tasks at once
 (:func:`write_tasks`, 2 in local[2]), so a day has up to that many files, each sorted by
 ``TX_DATETIME, TRANSACTION_ID`` and listed by the manifest in partition order. Which file a row
 goes to depends only on the hash of its ``TERMINAL_ID`` and that count, so a range run and
@@ -22,6 +23,7 @@ for every row instead.
 
 from __future__ import annotations
 
+import posixpath
 import sys
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from functools import partial
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark import cloudpickle
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -40,7 +43,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from jobs.common.config import settings
-from jobs.common.lake import ATTEMPT_PREFIX, Attempt, Dataset, Lake, NotPublished, parse_day
+from jobs.common.lake import Attempt, Dataset, Lake, NotPublished, parse_day
 from jobs.common.schema import (
     CLEAN_SCHEMA,
     FEATURE_SCHEMA,
@@ -54,16 +57,15 @@ from jobs.common.schema import (
     terminal_count,
     terminal_risk,
 )
-from jobs.spark import windows
+from jobs.spark import day_files, windows
 from jobs.spark.session import date_args, get_spark, spark_schema
 
-# The window kernels travel to the Python workers inside the pickled function, so workers need
+# The window kernels and the day writer travel to the Python workers inside the pickled function, so workers need
 # only numpy and pyarrow, not this repository on their path (spark-submit ships just this file).
 cloudpickle.register_pickle_by_value(windows)
+cloudpickle.register_pickle_by_value(day_files)
 
 STEP = "features"
-DATE_COLUMN = "date"  # partitionBy names folders <column>=<value>: the lake's date=D/attempt=ID
-ATTEMPT_COLUMN = ATTEMPT_PREFIX.rstrip("=")
 
 
 class MissingInputs(RuntimeError):
@@ -134,6 +136,18 @@ def _micros_since_epoch(day: date) -> int:
     return (datetime(day.year, day.month, day.day) - datetime(1970, 1, 1)) // timedelta(microseconds=1)
 
 
+def _epoch_day(day: date) -> int:
+    return (day - date(1970, 1, 1)).days
+
+
+@dataclass(frozen=True)
+class DayFolders:
+    """Where the last pass writes each day: the day's attempt folder on the lake's file system."""
+
+    filesystem: pafs.FileSystem
+    folders: dict[int, str]  # days since 1970-01-01 -> attempt folder (file-system path)
+
+
 def compute_features(
     clean: DataFrame,
     start: date,
@@ -141,12 +155,15 @@ def compute_features(
     windows_days: Sequence[int] = WINDOWS_DAYS,
     partitions: int | None = None,
     terminal_partitions: int | None = None,
+    write_to: DayFolders | None = None,
 ) -> DataFrame:
     """Clean rows of days start-37 .. end -> one feature row per clean row of days start .. end.
 
     ``windows_days`` other than the default (1, 7, 30) is for benchmarks: the output then has
     only those window columns, and not the FEATURE_SCHEMA order. The terminal pass has
-    ``terminal_partitions`` partitions (default :func:`write_tasks`): its output is what is written.
+    ``terminal_partitions`` partitions (default :func:`write_tasks`). With ``write_to`` that pass
+    writes the rows itself (``jobs.spark.day_files``) and the frame holds one (day, path, rows)
+    record per file written; evaluate it once.
     """
     spark = clean.sparkSession
     partitions = partitions or int(spark.conf.get("spark.sql.shuffle.partitions"))
@@ -154,7 +171,13 @@ def compute_features(
     customer_names = {n: (customer_count(n), customer_avg_amount(n)) for n in windows_days}
     terminal_names = {n: (terminal_count(n), terminal_risk(n)) for n in windows_days}
 
-    rows = clean.select(*_WORKING_COLUMNS)
+    on_weekend: Column = F.dayofweek("TX_DATETIME").isin(1, 7)  # 1 = Sunday, 7 = Saturday
+    at_night: Column = F.hour("TX_DATETIME") <= 6
+    rows = clean.select(
+        *_WORKING_COLUMNS,
+        on_weekend.cast("int").alias("TX_DURING_WEEKEND"),
+        at_night.cast("int").alias("TX_DURING_NIGHT"),
+    )
     with_customer = rows.repartition(partitions, "CUSTOMER_ID").mapInArrow(
         partial(
             windows.add_customer_windows,
@@ -166,29 +189,38 @@ def compute_features(
         ),
         _extend(rows.schema, customer_names),
     )
-    with_terminal = with_customer.repartition(terminal_partitions, "TERMINAL_ID").mapInArrow(
-        partial(
-            windows.add_terminal_windows,
-            key="TERMINAL_ID",
-            time="TX_DATETIME",
-            label=LABEL,
-            windows=tuple(windows_days),
-            delay_days=LABEL_DELAY_DAYS,
-            names=terminal_names,
-            keep_from_us=_micros_since_epoch(start),
-            keep_until_us=_micros_since_epoch(end + timedelta(days=1)),
-        ),
-        _extend(with_customer.schema, terminal_names),
+    terminal_pass = partial(
+        windows.add_terminal_windows,
+        key="TERMINAL_ID",
+        time="TX_DATETIME",
+        label=LABEL,
+        windows=tuple(windows_days),
+        delay_days=LABEL_DELAY_DAYS,
+        names=terminal_names,
+        keep_from_us=_micros_since_epoch(start),
+        keep_until_us=_micros_since_epoch(end + timedelta(days=1)),
     )
-    on_weekend: Column = F.dayofweek("TX_DATETIME").isin(1, 7)  # 1 = Sunday, 7 = Saturday
-    at_night: Column = F.hour("TX_DATETIME") <= 6
-    computed = [
-        on_weekend.cast("int").alias("TX_DURING_WEEKEND"),
-        at_night.cast("int").alias("TX_DURING_NIGHT"),
+    by_terminal = with_customer.repartition(terminal_partitions, "TERMINAL_ID")
+    if write_to is not None:
+        if tuple(windows_days) != tuple(WINDOWS_DAYS):
+            raise ValueError("only the SPEC windows are written")
+        writer = partial(
+            day_files.compute_then_write,
+            compute=terminal_pass,
+            schema=FEATURE_SCHEMA,
+            folders=dict(write_to.folders),
+            filesystem=write_to.filesystem,
+        )
+        return by_terminal.mapInArrow(writer, spark_schema(day_files.RECORD_SCHEMA))
+    with_terminal = by_terminal.mapInArrow(terminal_pass, _extend(with_customer.schema, terminal_names))
+    return with_terminal.select(
+        *ID_COLUMNS,
+        "TX_DURING_WEEKEND",
+        "TX_DURING_NIGHT",
         *(F.col(c) for n in windows_days for c in customer_names[n]),
         *(F.col(c) for n in windows_days for c in terminal_names[n]),
-    ]
-    return with_terminal.select(*ID_COLUMNS, *computed, LABEL)
+        LABEL,
+    )
 
 
 def _extend(schema: T.StructType, names: dict[int, tuple[str, str]]) -> T.StructType:
@@ -204,36 +236,30 @@ def _extend(schema: T.StructType, names: dict[int, tuple[str, str]]) -> T.Struct
 # --- outputs -----------------------------------------------------------------------------------
 
 
-def write_days(lake: Lake, features: DataFrame, days: Sequence[date]) -> dict[date, Attempt]:
-    """Write every day into its own fresh attempt folder in one Spark job; return the attempts.
+def write_days(
+    lake: Lake, clean: DataFrame, days: Sequence[date]
+) -> tuple[dict[date, Attempt], dict[date, int]]:
+    """Compute and write every day into its own fresh attempt folder in one Spark job.
 
-    Rows stay in the partitions of the terminal pass (a shuffle by date would move every row once
-    more) and are sorted within them by day, then ``TX_DATETIME, TRANSACTION_ID``; Spark's
-    ``partitionBy(date, attempt)`` puts each partition's rows of a day into one file in the
-    attempt folder the lake made for that day. The terminal pass has few partitions
-    (:func:`write_tasks`) so that a day has few files: a file costs more to open, commit and
-    publish than its rows cost to sort. Dynamic partition overwrite stages the job's files in a folder of
-    their own, so concurrent runs for other days do not meet, and touches no other folder.
-    Nothing is visible until :func:`publish_in_order`.
+    Returns the attempts and the rows written per day. The terminal pass writes its rows itself
+    (``jobs.spark.day_files``): per task and day one file sorted by ``TX_DATETIME,
+    TRANSACTION_ID``, named after the task's partition. Which partition a row is in depends only
+    on the hash of its ``TERMINAL_ID`` and the partition count (:func:`write_tasks`, 2 in
+    local[2]), so a range run and day-by-day runs (same settings) write the same rows in the same
+    files in the same order. Handing the rows back to the JVM for a sort and Spark's Parquet
+    writer cost as much as computing them (bench/RESULTS.md). Nothing is visible until
+    :func:`publish_in_order`.
     """
     attempts = {day: lake.new_attempt(Dataset.FEATURES, day) for day in days}
-    expected_folders = {
-        lake.path(Dataset.FEATURES, f"{DATE_COLUMN}={day.isoformat()}", f"{ATTEMPT_COLUMN}={a.attempt_id}")
-        for day, a in attempts.items()
-    }
-    if expected_folders != {a.path for a in attempts.values()}:
-        raise RuntimeError("the lake's partition layout is not date=D/attempt=ID any more")
-    attempt_of_day = F.create_map(*[F.lit(x) for day, a in attempts.items() for x in (day, a.attempt_id)])
-    (
-        features.withColumn(DATE_COLUMN, F.to_date("TX_DATETIME"))
-        .withColumn(ATTEMPT_COLUMN, attempt_of_day[F.col(DATE_COLUMN)])
-        .sortWithinPartitions(DATE_COLUMN, ATTEMPT_COLUMN, "TX_DATETIME", "TRANSACTION_ID")
-        .write.mode("overwrite")
-        .option("partitionOverwriteMode", "dynamic")
-        .partitionBy(DATE_COLUMN, ATTEMPT_COLUMN)
-        .parquet(lake.to_spark_uri(lake.path(Dataset.FEATURES)))
-    )
-    return attempts
+    target = DayFolders(lake.fs, {_epoch_day(day): a.path for day, a in attempts.items()})
+    records = compute_features(clean, days[0], days[-1], write_to=target).collect()
+    written = {day: 0 for day in days}
+    for record in records:
+        day = date(1970, 1, 1) + timedelta(days=record["day"])
+        if posixpath.dirname(record["path"]) != attempts[day].path:
+            raise RuntimeError(f"a task wrote {record['path']} outside the attempt folder of {day}")
+        written[day] += record["rows"]
+    return attempts, written
 
 
 def write_tasks(spark: SparkSession) -> int:
@@ -242,15 +268,20 @@ def write_tasks(spark: SparkSession) -> int:
     return max(1, min(partitions, spark.sparkContext.defaultParallelism))
 
 
-def publish_in_order(lake: Lake, attempts: dict[date, Attempt]) -> int:
+def publish_in_order(lake: Lake, attempts: dict[date, Attempt], written: dict[date, int]) -> int:
     """Publish the written days in date order; 0, or 1 naming the days not done.
 
-    A day without transactions gets an empty file with the schema (Spark writes nothing for it).
+    A day without transactions gets an empty file with the schema (no task had rows for it). The
+    rows in a day's folder must be those the tasks reported writing.
     """
     days = sorted(attempts)
     for i, day in enumerate(days):
         try:
             rows = check_files(lake, attempts[day].path)
+            if (rows or 0) != written[day]:
+                raise RuntimeError(
+                    f"{attempts[day].path} holds {rows or 0} rows, the tasks wrote {written[day]}"
+                )
             if rows is None:
                 lake.write_table(Dataset.FEATURES, day, FEATURE_SCHEMA.empty_table(), stats={"rows": 0})
                 lake.delete_dir(attempts[day].path)
@@ -283,14 +314,12 @@ def run(spark: SparkSession, lake: Lake, inputs: Inputs) -> int:
     """Compute and publish ``inputs.days`` (in date order); 0 on success, 1 naming the days not done."""
     days = inputs.days
     try:
-        partitions = int(spark.conf.get("spark.sql.shuffle.partitions"))
-        features = compute_features(read_clean(spark, inputs.files), days[0], days[-1], partitions=partitions)
-        attempts = write_days(lake, features, days)
+        attempts, written = write_days(lake, read_clean(spark, inputs.files), days)
     except Exception as exc:  # noqa: BLE001 - reported with the days not done
         print(f"{STEP}: failed: {exc}", file=sys.stderr)
         print(f"{STEP}: days not done: {format_days(days)}", file=sys.stderr)
         return 1
-    return publish_in_order(lake, attempts)
+    return publish_in_order(lake, attempts, written)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
