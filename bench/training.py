@@ -90,7 +90,8 @@ def main(flags: list[str]) -> int:
         for day in window:
             lake.write_table(Dataset.FEATURES, day, synthetic_features(day, rows_per_day, cards=5000, fraud_rate=0.01))
         for kind in ("mlp", "seq"):
-            cfg = replace(defaults, lake=lake.uri, model=kind, epochs=1 if small else 2, threads=threads)
+            full = replace(defaults, lake=lake.uri, model=kind, hidden=[], threads=threads).resolved()
+            cfg = replace(full, epochs=1 if small else 2)
             mcfg = cfg.model_config()
             if kind == "seq":
                 frame, history = read_with_history(lake, window, mcfg.seq_len, mcfg.lookback_days, FIRST)
@@ -120,7 +121,6 @@ def main(flags: list[str]) -> int:
             print(f"training {kind}: reference {ref_rates[-1]:,.0f} samples/s, ours {rate:,.0f} "
                   f"({rate / ref_rates[-1]:.1f}x)", flush=True)
 
-            full = replace(defaults, lake=lake.uri, model=kind, threads=threads)
             t0 = time.perf_counter()
             trained = train_model(lake, full, window, FIRST, torch.device("cpu"))
             whole.append((kind, len(trained.frame), full.epochs, full.batch_size, time.perf_counter() - t0))

@@ -13,7 +13,7 @@ from fraud_ops.sensors import DecisionSensor, LandingSensor, PartitionsSensor
 from fraud_ops.spark import SparkJobOperator
 
 from jobs.common.config import EXIT_NO_CHAMPION, settings
-from jobs.common.schedule import CARD_HISTORY_DAYS
+from jobs.common.schedule import MODEL_HISTORY_DAYS
 
 CFG = orchestration()
 STEP = settings()
@@ -141,9 +141,9 @@ def fraud_nightly():
         task_id="features", job="features", lake=lake, day=day, conn_id=CFG.spark_conn_id,
         conf=CFG.spark_conf, driver_memory=STEP.spark_driver_memory, outlets=[FEATURES],
     )  # fmt: skip
-    training_inputs = PartitionsSensor(  # the windows ending D-8 and D-15, and the card history before them
+    training_inputs = PartitionsSensor(  # the windows ending D-8 and D-15, and the history the model reads before them
         task_id="wait_for_training_inputs", dataset="features/transactions", lake=lake, day=day,
-        first_back=f"{{{{ {14 + CARD_HISTORY_DAYS} + params.window_days }}}}", last_back=8, **wait,
+        first_back=f"{{{{ {14 + MODEL_HISTORY_DAYS} + params.window_days }}}}", last_back=8, **wait,
     )  # fmt: skip
     previous_decision = DecisionSensor(
         task_id="wait_for_previous_decision", which="previous", lake=lake, day=day, **wait
@@ -159,9 +159,9 @@ def fraud_nightly():
         task_id="wait_for_decision", which="latest", lake=lake, day=day,
         trigger_rule="none_failed_min_one_success", **wait,
     )  # fmt: skip
-    feature_history = PartitionsSensor(  # the sequence model's card history: features of D-7 .. D-1
+    feature_history = PartitionsSensor(  # the sequence model's card and terminal history: features of D-14 .. D-1
         task_id="wait_for_feature_history", dataset="features/transactions", lake=lake, day=day,
-        first_back=CARD_HISTORY_DAYS, last_back=1, **wait,
+        first_back=MODEL_HISTORY_DAYS, last_back=1, **wait,
     )  # fmt: skip
     score = torch_task(
         "score", "score", ["--lake", lake, "--date", day, "--k", "{{ params.k }}"],

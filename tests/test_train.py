@@ -14,10 +14,18 @@ import pytest
 import torch
 
 from jobs.common.lake import Dataset, Lake
-from jobs.common.schema import FEATURE_SCHEMA_VERSION, MODEL_INPUTS
+from jobs.common.schema import FEATURE_SCHEMA_VERSION, MODEL_INPUTS, customer_avg_amount
 from jobs.torch import registry as R
 from jobs.torch import train
-from jobs.torch.data import read_features, read_with_history
+from jobs.torch.data import (
+    MICROS_PER_DAY,
+    TERMINAL_STEP,
+    FeatureFrame,
+    build_terminal_history,
+    read_features,
+    read_for_model,
+    read_with_history,
+)
 from jobs.torch.score import load_version, predict
 from jobs.torch.synthetic import synthetic_features
 
@@ -91,11 +99,13 @@ def test_exported_program_scores_like_the_checkpoint_without_project_code(lake, 
     loaded = load_version(registry.read_file(version, R.CHECKPOINT), version)
     assert loaded.config.kind == kind
     day = FIRST + timedelta(days=2)
-    if kind == "seq":  # the program takes the card history as tensors: rows, previous rows, gaps, presence
-        frame, history = read_with_history(lake, [day], loaded.config.seq_len, loaded.config.lookback_days, FIRST)
+    if kind == "seq":  # the program takes the history as tensors: rows, previous rows, gaps, presence, terminal rows
+        frame, history = read_for_model(lake, [day], loaded.config, FIRST)
         present = history.prev >= 0
-        inputs = [frame.x, history.pool[np.maximum(history.prev, 0)], history.gap_days, present.astype(np.float32)]
+        inputs = [frame.x, history.pool[np.maximum(history.prev, 0)], history.gap_days, present.astype(np.float32),
+                  history.terminal]
         assert present.any() and not present.all()  # some rows have history, some do not
+        assert loaded.config.terminal_len == history.terminal.shape[1] == 5
     else:
         frame, history = read_features(lake, [day]), None
         inputs = [frame.x]
@@ -166,15 +176,57 @@ def test_sequence_model_uses_the_cards_earlier_feature_rows(lake):
     assert version["train_day"] == "2018-04-16"  # not a training day: registered, no decision
     assert R.Registry(lake).decision(date(2018, 4, 16)) is None
     loaded = load_version(R.Registry(lake).read_file(version["version"], R.CHECKPOINT), version["version"])
+    frame, history = read_for_model(lake, [target_day], loaded.config, FIRST)
     scores = predict(loaded, frame, history)
     assert scores.shape == (len(frame),) and np.isfinite(scores).all()
     program = torch.export.load(io.BytesIO(R.Registry(lake).read_file(version["version"], R.EXPORT))).module()
     k = loaded.config.seq_len
     prev = torch.from_numpy(history.pool)[torch.from_numpy(history.prev).clamp_min(0)]
     present = torch.from_numpy((history.prev >= 0).astype(np.float32))
-    exported = program(torch.from_numpy(frame.x), prev, torch.from_numpy(history.gap_days), present)
+    exported = program(torch.from_numpy(frame.x), prev, torch.from_numpy(history.gap_days), present,
+                       torch.from_numpy(history.terminal))
     assert prev.shape[1] == k
     np.testing.assert_allclose(exported.detach().double().numpy(), scores, rtol=1e-5, atol=1e-6)
+
+
+def _frame(rows: list[tuple]) -> FeatureFrame:
+    """Rows ``(id, time_us, terminal, amount, label)`` as a FeatureFrame (card 0, 30-day average 10)."""
+    ids, times, terminals, amounts, labels = (np.array(c) for c in zip(*rows, strict=True))
+    x = np.zeros((len(rows), len(MODEL_INPUTS)), np.float32)
+    x[:, MODEL_INPUTS.index("TX_AMOUNT")] = amounts
+    x[:, MODEL_INPUTS.index(customer_avg_amount(30))] = 10.0
+    return FeatureFrame(x, labels.astype(np.int8), np.zeros(len(rows), np.int64), times.astype(np.int64),
+                        ids.astype(np.int64), terminals.astype(np.int64))
+
+
+def test_terminal_history_holds_only_matured_rows_of_the_same_terminal_oldest_first():
+    us, day = 1, MICROS_PER_DAY
+    t = 20 * day  # the scored transaction's time; the delay bound is t - 7 days, inclusive
+    pool = _frame([
+        (1, t - 9 * day, 5, 10.0, 1),
+        (2, t - 8 * day, 5, 50.0, 0),
+        (4, t - 7 * day, 5, 20.0, 1),  # exactly 7 days old: matured, inside (as in the terminal risk windows)
+        (3, t - 7 * day, 5, 30.0, 0),  # same instant: ordered by transaction id, so before id 4
+        (5, t - 7 * day + us, 5, 99.0, 1),  # one microsecond too young: its label is not known yet
+        (6, t - 8 * day, 6, 99.0, 1),  # another terminal
+        (7, t, 5, 99.0, 1),  # the scored row itself
+    ])
+    target = _frame([(7, t, 5, 99.0, 1), (8, t - 2 * day, 5, 1.0, 0), (9, t, 7, 1.0, 0)])
+    hist = build_terminal_history(target, pool, k=3, delay_days=7)
+    assert hist.shape == (3, 3, TERMINAL_STEP)
+    label, log_amount, ratio, age, present = (hist[..., i] for i in range(TERMINAL_STEP))
+    # row 7: the last three matured rows of terminal 5 are ids 2, 3, 4 (oldest first)
+    np.testing.assert_array_equal(label[0], [0, 0, 1])
+    np.testing.assert_allclose(log_amount[0] * 5, np.log1p([50.0, 30.0, 20.0]), rtol=1e-6)
+    np.testing.assert_allclose(ratio[0], np.log1p([50.0, 30.0, 20.0]) - np.log1p(10.0), rtol=1e-6)
+    np.testing.assert_allclose(np.expm1(age[0] * 3), [8, 7, 7], rtol=1e-5)
+    np.testing.assert_array_equal(present[0], [1, 1, 1])
+    # row 8 (2 days before t): only id 1 is 7 days older than it (exactly); the missing slots come first, as zeros
+    np.testing.assert_array_equal(present[1], [0, 0, 1])
+    np.testing.assert_array_equal(label[1], [0, 0, 1])
+    assert not hist[1, :2].any()
+    # row 9: terminal 7 has no history at all
+    assert not hist[2].any()
 
 
 @pytest.mark.slow

@@ -17,6 +17,8 @@ from jobs.common.schema import LABEL_DELAY_DAYS
 # Training for T may use whole days whose labels all matured before T began: days <= T - 8.
 LAST_LABELLED_OFFSET = LABEL_DELAY_DAYS + 1
 CARD_HISTORY_DAYS = 7  # feature days before a scored or trained day that the sequence model's card history reaches
+TERMINAL_HISTORY_DAYS = 14  # ... and its terminal history (rows at least LABEL_DELAY_DAYS old: D-14 .. D-7)
+MODEL_HISTORY_DAYS = max(CARD_HISTORY_DAYS, TERMINAL_HISTORY_DAYS)  # feature days the default model reads before a day
 
 
 @dataclass(frozen=True)

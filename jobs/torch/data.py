@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.common.lake import MANIFEST, Dataset, Lake, NotPublished
-from jobs.common.schema import FEATURE_SCHEMA, LABEL, MODEL_INPUTS
+from jobs.common.schema import FEATURE_SCHEMA, LABEL, LABEL_DELAY_DAYS, MODEL_INPUTS, customer_avg_amount
 
-ID_READ = ("TRANSACTION_ID", "CUSTOMER_ID", "TX_DATETIME")
+ID_READ = ("TRANSACTION_ID", "CUSTOMER_ID", "TERMINAL_ID", "TX_DATETIME")
 MICROS_PER_DAY = 86_400 * 1_000_000
 
 
@@ -32,6 +32,7 @@ class FeatureFrame:
     card: np.ndarray  # int64 [n]
     time_us: np.ndarray  # int64 [n], microseconds since the epoch (UTC)
     txid: np.ndarray  # int64 [n]
+    terminal: np.ndarray  # int64 [n]
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -41,12 +42,14 @@ class FeatureFrame:
         return (self.time_us // MICROS_PER_DAY).astype("datetime64[D]")
 
     def take(self, index: np.ndarray) -> FeatureFrame:
-        return FeatureFrame(self.x[index], self.label[index], self.card[index], self.time_us[index], self.txid[index])
+        return FeatureFrame(*(getattr(self, n)[index] for n in _FRAME_FIELDS))
 
     @staticmethod
     def concat(frames: Sequence[FeatureFrame]) -> FeatureFrame:
-        return FeatureFrame(*(np.concatenate([getattr(f, n) for f in frames]) for n in
-                              ("x", "label", "card", "time_us", "txid")))
+        return FeatureFrame(*(np.concatenate([getattr(f, n) for f in frames]) for n in _FRAME_FIELDS))
+
+
+_FRAME_FIELDS = ("x", "label", "card", "time_us", "txid", "terminal")
 
 
 def frame_from_table(table: pa.Table) -> FeatureFrame:
@@ -64,6 +67,7 @@ def frame_from_table(table: pa.Table) -> FeatureFrame:
         card=table.column("CUSTOMER_ID").to_numpy().astype(np.int64),
         time_us=np.asarray(time_us, dtype=np.int64),
         txid=table.column("TRANSACTION_ID").to_numpy().astype(np.int64),
+        terminal=table.column("TERMINAL_ID").to_numpy().astype(np.int64),
     )
 
 
@@ -90,19 +94,30 @@ def partition_hashes(lake: Lake, dataset: str, days: Sequence[date]) -> list[dic
     return out
 
 
-# --- card history for the sequence model ----------------------------------------------------------
+# --- card and terminal history for the sequence model ---------------------------------------------
+TERMINAL_STEP = 5  # per matured terminal row: label, log amount / 5, log ratio to its card's 30-day average,
+#                    log1p(age in days) / 3, present (the scalings keep every input near [0, 1])
+_AMOUNT_COL = MODEL_INPUTS.index("TX_AMOUNT")
+_AVG30_COL = MODEL_INPUTS.index(customer_avg_amount(30))
+
+
 @dataclass
 class CardHistory:
-    """Per target transaction, its card's previous ``k`` feature rows (oldest first).
+    """Per target transaction, its card's previous ``k`` feature rows (oldest first), and optionally
+    its terminal's last matured transactions.
 
     ``pool`` holds the feature rows the history may point to (history days + target days);
     ``prev[i, j]`` is the pool row of the target's (k - j)-th previous transaction, -1 if none;
-    ``gap_days[i, j]`` the time between it and the target, in days.
+    ``gap_days[i, j]`` the time between it and the target, in days. ``terminal`` [n, kt,
+    TERMINAL_STEP] describes the last ``kt`` transactions at the target's terminal that are at
+    least the label delay older than it (so their labels have matured, as in the terminal risk
+    features), oldest first, zeros where there is none.
     """
 
     pool: np.ndarray  # float32 [N, F]
     prev: np.ndarray  # int64 [n, k]
     gap_days: np.ndarray  # float32 [n, k]
+    terminal: np.ndarray | None = None  # float32 [n, kt, TERMINAL_STEP]
 
 
 def history_days(days: Sequence[date], lookback_days: int) -> list[date]:
@@ -135,15 +150,75 @@ def build_history(target: FeatureFrame, history: FeatureFrame, k: int) -> CardHi
     return CardHistory(pool=pool.x, prev=prev, gap_days=gap)
 
 
+def build_terminal_history(target: FeatureFrame, pool: FeatureFrame, k: int, delay_days: int) -> np.ndarray:
+    """Per target row, its terminal's last ``k`` pool rows with time <= t - delay, oldest first.
+
+    The bound is the terminal risk windows' near end (SPEC §4), so a label is used only once it
+    has matured. Within a terminal, rows are ordered by time then transaction id. Returns
+    [n, k, TERMINAL_STEP] float32 (see :class:`CardHistory`).
+    """
+    n, m = len(pool), len(target)
+    order = np.lexsort((pool.txid, pool.time_us, pool.terminal))
+    sorted_terminal = pool.terminal[order]
+    # Where each query (terminal, t - delay) falls among the sorted pool rows: one stable merge sort
+    # in which a pool row at the query's instant sorts first (the bound is inclusive).
+    cut = target.time_us - delay_days * MICROS_PER_DAY
+    merged = np.lexsort((
+        np.r_[np.zeros(n, np.int8), np.ones(m, np.int8)],
+        np.r_[pool.time_us[order], cut],
+        np.r_[sorted_terminal, target.terminal],
+    ))
+    is_query = merged >= n
+    pool_rows_before = np.cumsum(~is_query)
+    upto = np.empty(m, dtype=np.int64)
+    upto[merged[is_query] - n] = pool_rows_before[is_query]
+    out = np.zeros((m, k, TERMINAL_STEP), dtype=np.float32)
+    for back in range(1, k + 1):
+        pos = upto - back
+        ok = pos >= 0
+        ok[ok] = sorted_terminal[pos[ok]] == target.terminal[ok]
+        row = order[pos[ok]]
+        amount = np.log1p(np.maximum(pool.x[row, _AMOUNT_COL], 0))
+        age = (target.time_us[ok] - pool.time_us[row]) / MICROS_PER_DAY
+        col = k - back
+        out[ok, col, 0] = pool.label[row]
+        out[ok, col, 1] = amount / 5
+        out[ok, col, 2] = amount - np.log1p(np.maximum(pool.x[row, _AVG30_COL], 0))
+        out[ok, col, 3] = np.log1p(age) / 3
+        out[ok, col, 4] = 1
+    return out
+
+
 def read_with_history(
-    lake: Lake, days: Sequence[date], k: int, lookback_days: int, first_date: date
+    lake: Lake, days: Sequence[date], k: int, lookback_days: int, first_date: date,
+    terminal_len: int = 0, terminal_lookback_days: int = 0,
 ) -> tuple[FeatureFrame, CardHistory]:
-    """Target days' features and each row's card history from up to ``lookback_days`` before.
+    """Target days' features and each row's card history from up to ``lookback_days`` before
+    (and, with ``terminal_len``, its terminal's matured history from up to ``terminal_lookback_days``).
 
     History days before the pipeline's first date do not exist and are skipped; later ones must
     be published (a missing one is "not yet written", never "no history").
     """
     target = read_features(lake, days)
+    empty = target.take(np.zeros(0, np.int64))
     wanted = [d for d in history_days(days, lookback_days) if d >= first_date]
-    history = read_features(lake, wanted) if wanted else FeatureFrame.concat([target.take(np.zeros(0, np.int64))])
-    return target, build_history(target, history, k)
+    history = read_features(lake, wanted) if wanted else empty
+    out = build_history(target, history, k)
+    if terminal_len:
+        older = [d for d in history_days(days, terminal_lookback_days) if d >= first_date and d not in wanted]
+        pool = FeatureFrame.concat([read_features(lake, older) if older else empty, history, target])
+        out.terminal = build_terminal_history(target, pool, terminal_len, LABEL_DELAY_DAYS)
+    return target, out
+
+
+def model_history_days(lookback_days: int, terminal_len: int, terminal_lookback_days: int) -> int:
+    """How many feature days before a scored or trained day the sequence model reads."""
+    return max(lookback_days, terminal_lookback_days if terminal_len else 0)
+
+
+def read_for_model(lake: Lake, days: Sequence[date], cfg, first_date: date) -> tuple[FeatureFrame, CardHistory | None]:
+    """What a model of ``cfg`` (a ``ModelConfig``) reads for ``days``: the features, plus the history for ``seq``."""
+    if cfg.kind != "seq":
+        return read_features(lake, days), None
+    return read_with_history(lake, days, cfg.seq_len, cfg.lookback_days, first_date,
+                             cfg.terminal_len, cfg.terminal_lookback_days)

@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from jobs.common.schedule import CARD_HISTORY_DAYS
+from jobs.common.schedule import CARD_HISTORY_DAYS, TERMINAL_HISTORY_DAYS
 from jobs.common.schema import MODEL_INPUTS, customer_avg_amount, customer_count, terminal_count
+from jobs.torch.data import TERMINAL_STEP
 
 TRANSFORM = "log_ratio_v1"
 _AMOUNT = MODEL_INPUTS.index("TX_AMOUNT")
@@ -57,6 +58,8 @@ class ModelConfig:
     seq_len: int = 5  # seq: previous transactions of the card
     seq_hidden: int = 32
     lookback_days: int = CARD_HISTORY_DAYS  # seq: feature days before the first target day searched for history
+    terminal_len: int = 0  # seq: matured transactions of the terminal seen (0: none, as models before it had)
+    terminal_lookback_days: int = TERMINAL_HISTORY_DAYS  # seq: feature days searched for them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,23 +166,33 @@ class FraudMLP(nn.Module):
 
 
 class CardSequenceModel(nn.Module):
-    """The transaction plus its card's previous k transactions (a GRU over them) -> fraud logit.
+    """The transaction, its card's previous k transactions (a GRU over them) and its terminal's last
+    matured transactions -> fraud logit.
 
     ``prev`` [B, k, 25] are the scaled features of the previous rows, oldest first, ``gap`` [B, k]
     the days between each and the scored transaction, ``present`` [B, k] 1 where a row exists.
+    ``terminal`` [B, kt, TERMINAL_STEP] (``jobs.torch.data.build_terminal_history``) are the last
+    ``kt = terminal_len`` transactions at the same terminal at least the label delay older, with
+    their labels: what lets the model tell a terminal that started to take frauds at ordinary
+    amounts (compromised) from one that saw a single large fraud of a compromised card.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.step = nn.Linear(N_DERIVED + 2, cfg.seq_hidden)
         self.gru = nn.GRU(cfg.seq_hidden, cfg.seq_hidden, batch_first=True)
-        self.head = MLP(N_DERIVED + cfg.seq_hidden, cfg.hidden, cfg.dropout)
+        self.terminal_len = cfg.terminal_len
+        self.head = MLP(N_DERIVED + cfg.seq_hidden + TERMINAL_STEP * cfg.terminal_len, cfg.hidden, cfg.dropout)
 
-    def forward(self, z: torch.Tensor, prev: torch.Tensor, gap: torch.Tensor, present: torch.Tensor):
+    def forward(self, z: torch.Tensor, prev: torch.Tensor, gap: torch.Tensor, present: torch.Tensor,
+                terminal: torch.Tensor | None = None):
         p = present.unsqueeze(-1)
         steps = torch.cat([prev * p, torch.log1p(gap.clamp_min(0)).unsqueeze(-1) * p, p], dim=-1)
         _, h = self.gru(torch.relu(self.step(steps)))
-        return self.head(torch.cat([z, h[-1]], dim=-1))
+        parts = [z, h[-1]]
+        if self.terminal_len:  # the terminal's matured rows go to the head as they are, oldest first
+            parts.append(terminal.flatten(1))
+        return self.head(torch.cat(parts, dim=-1))
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -203,10 +216,12 @@ class Scorer(nn.Module):
 
 
 class SequenceScorer(Scorer):
-    """Raw inputs of the transaction [B, 15], of its previous rows [B, k, 15], gaps and presence."""
+    """Raw inputs of the transaction [B, 15], of its previous rows [B, k, 15], gaps and presence,
+    and (models with ``terminal_len``) the terminal's matured rows [B, kt, TERMINAL_STEP]."""
 
-    def forward(self, x: torch.Tensor, prev: torch.Tensor, gap: torch.Tensor, present: torch.Tensor):
-        return torch.sigmoid(self.model(self.transform(x), self.transform(prev), gap, present))
+    def forward(self, x: torch.Tensor, prev: torch.Tensor, gap: torch.Tensor, present: torch.Tensor,
+                terminal: torch.Tensor | None = None):
+        return torch.sigmoid(self.model(self.transform(x), self.transform(prev), gap, present, terminal))
 
 
 def scorer_for(cfg: ModelConfig, transform: InputTransform, model: nn.Module) -> Scorer:

@@ -36,7 +36,7 @@ import torch
 from jobs.common.config import REPO_ROOT, settings
 from jobs.common.lake import Dataset, Lake, day_range
 from jobs.common.schema import CLEAN_SCHEMA, MODEL_INPUTS, WINDOWS_DAYS, terminal_risk
-from jobs.torch.data import read_features
+from jobs.torch.data import model_history_days, read_features
 from jobs.torch.model import scorer_for
 from jobs.torch.score import Loaded
 from jobs.torch.train import TrainConfig, evaluate_loaded, evaluate_scores, train_model
@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         configs[f"reference window ({product.model}, 7 days)"] = replace(product, window_days=7)
     starts = TEST_STARTS if args.folds == "test" else VALIDATION_STARTS
     longest = max(c.window_days for c in configs.values())
-    lookback = product.lookback_days if product.model == "seq" else 0
+    mcfg = product.model_config()
+    lookback = model_history_days(mcfg.lookback_days, mcfg.terminal_len, mcfg.terminal_lookback_days) if mcfg.kind == "seq" else 0
     needed_from = max(DATA_START, starts[0] + timedelta(days=7 - longest - lookback))
     ensure_features(lake, day_range(needed_from, starts[-1] + timedelta(days=20)), args.generate)
 
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.folds} folds (training starts {', '.join(d.isoformat() for d in starts)}):")
     print(format_table(results, reference=args.folds == "test"))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"folds": args.folds, "results": results}, indent=2, default=str))
     return 0
 

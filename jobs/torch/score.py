@@ -43,7 +43,7 @@ from jobs.common.schema import (
     SCORES_SCHEMA,
 )
 from jobs.torch import registry as R
-from jobs.torch.data import CardHistory, FeatureFrame, read_with_history
+from jobs.torch.data import CardHistory, FeatureFrame, read_for_model
 from jobs.torch.model import (
     _AMOUNT,
     _AVERAGES,
@@ -197,11 +197,14 @@ def predict(loaded: Loaded, frame: FeatureFrame, history: CardHistory | None = N
     def scale(s: int, e: int) -> None:
         pool[s:e] = scorer.transform(raw_pool[s:e])
 
+    terminal_all = torch.from_numpy(history.terminal) if history.terminal is not None else None
+
     def score(s: int, e: int) -> None:
         prev = prev_all[s:e]
         present = (prev >= 0).float()
         z = scorer.transform(x[s:e])
-        out[s:e] = torch.sigmoid(scorer.model(z, pool[prev.clamp_min(0)], gap_all[s:e], present)).numpy()
+        terminal = terminal_all[s:e] if terminal_all is not None else None
+        out[s:e] = torch.sigmoid(scorer.model(z, pool[prev.clamp_min(0)], gap_all[s:e], present, terminal)).numpy()
 
     workers = workers or score_workers()
     _run_chunks(scale, len(pool), chunk, workers)
@@ -291,8 +294,7 @@ def score_day(lake: Lake, registry: R.Registry, day: date, k: int, cache: dict[s
     loaded = cache[version]
     started = time.time()
     if loaded.config.kind == "seq":
-        frame, history = read_with_history(lake, [day], loaded.config.seq_len, loaded.config.lookback_days,
-                                           registry.schedule.first_date)
+        frame, history = read_for_model(lake, [day], loaded.config, registry.schedule.first_date)
         scores = predict(loaded, frame, history, workers=workers)
         ids = {"TRANSACTION_ID": pa.array(frame.txid), "CUSTOMER_ID": pa.array(frame.card),
                "TX_DATETIME": pa.array(frame.time_us, pa.int64()).cast(pa.timestamp("us"))}
