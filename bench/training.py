@@ -27,7 +27,7 @@ from torch import nn
 
 from bench import markdown_table, write_section
 from jobs.common.lake import Dataset, Lake
-from jobs.torch.data import read_features, read_with_history
+from jobs.torch.data import read_for_model
 from jobs.torch.model import ByteDropout, InputTransform, build_model
 from jobs.torch.synthetic import synthetic_features
 from jobs.torch.train import Dist, TrainConfig, TrainingData, fit, prepare, train_model
@@ -49,7 +49,8 @@ class RowDataset(torch.utils.data.Dataset):
         if d.pool is None:
             return d.z[i], d.y[i]
         prev = d.prev[i]
-        return d.z[i], d.pool[prev.clamp_min(0)], d.gap[i], (prev >= 0).float(), d.y[i]
+        row = (d.z[i], d.pool[prev.clamp_min(0)], d.gap[i], (prev >= 0).float())
+        return (*row, d.terminal[i], d.y[i]) if d.terminal is not None else (*row, d.y[i])
 
 
 def reference_loop(model: nn.Module, data: TrainingData, max_seconds: float) -> tuple[int, float]:
@@ -93,14 +94,12 @@ def main(flags: list[str]) -> int:
             full = replace(defaults, lake=lake.uri, model=kind, hidden=[], threads=threads).resolved()
             cfg = replace(full, epochs=1 if small else 2)
             mcfg = cfg.model_config()
-            if kind == "seq":
-                frame, history = read_with_history(lake, window, mcfg.seq_len, mcfg.lookback_days, FIRST)
-            else:
-                frame, history = read_features(lake, window), None
+            frame, history = read_for_model(lake, window, mcfg, FIRST)
             data = prepare(frame, history, InputTransform.fit(torch.from_numpy(frame.x)))
             n = len(frame)
             name = f"{kind} {mcfg.hidden}, dropout {mcfg.dropout}" + (
-                f", GRU {mcfg.seq_hidden} over {mcfg.seq_len} previous rows" if kind == "seq" else "")
+                f", GRU {mcfg.seq_hidden} over {mcfg.seq_len} previous rows, {mcfg.terminal_len} terminal rows"
+                if kind == "seq" else "")
             loops = [("handbook: nn.Dropout", True)] if kind == "mlp" else []
             loops.append(("our model (ByteDropout)", False))
             ref_rates = []

@@ -21,6 +21,7 @@ from jobs.torch.data import (
     MICROS_PER_DAY,
     TERMINAL_STEP,
     FeatureFrame,
+    TerminalRows,
     build_terminal_history,
     read_features,
     read_for_model,
@@ -212,7 +213,7 @@ def test_terminal_history_holds_only_matured_rows_of_the_same_terminal_oldest_fi
         (7, t, 5, 99.0, 1),  # the scored row itself
     ])
     target = _frame([(7, t, 5, 99.0, 1), (8, t - 2 * day, 5, 1.0, 0), (9, t, 7, 1.0, 0)])
-    hist = build_terminal_history(target, pool, k=3, delay_days=7)
+    hist = build_terminal_history(target, TerminalRows.of_frame(pool), k=3, delay_days=7)
     assert hist.shape == (3, 3, TERMINAL_STEP)
     label, log_amount, ratio, age, present = (hist[..., i] for i in range(TERMINAL_STEP))
     # row 7: the last three matured rows of terminal 5 are ids 2, 3, 4 (oldest first)

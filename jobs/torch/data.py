@@ -150,14 +150,49 @@ def build_history(target: FeatureFrame, history: FeatureFrame, k: int) -> CardHi
     return CardHistory(pool=pool.x, prev=prev, gap_days=gap)
 
 
-def build_terminal_history(target: FeatureFrame, pool: FeatureFrame, k: int, delay_days: int) -> np.ndarray:
+@dataclass
+class TerminalRows:
+    """What the terminal history needs of each row: far fewer columns than a FeatureFrame."""
+
+    terminal: np.ndarray  # int64
+    time_us: np.ndarray  # int64
+    txid: np.ndarray  # int64
+    label: np.ndarray  # int8, null = 0
+    amount: np.ndarray  # float
+    avg30: np.ndarray  # float, the row's card's 30-day average amount
+
+    COLUMNS = ("TERMINAL_ID", "TX_DATETIME", "TRANSACTION_ID", LABEL, "TX_AMOUNT", customer_avg_amount(30))
+
+    @staticmethod
+    def of_frame(frame: FeatureFrame) -> TerminalRows:
+        return TerminalRows(frame.terminal, frame.time_us, frame.txid, frame.label,
+                            frame.x[:, _AMOUNT_COL], frame.x[:, _AVG30_COL])
+
+    @staticmethod
+    def of_table(table: pa.Table) -> TerminalRows:
+        return TerminalRows(
+            terminal=table.column("TERMINAL_ID").to_numpy().astype(np.int64),
+            time_us=table.column("TX_DATETIME").cast(pa.timestamp("us")).cast(pa.int64()).to_numpy(),
+            txid=table.column("TRANSACTION_ID").to_numpy().astype(np.int64),
+            label=table.column(LABEL).fill_null(0).to_numpy().astype(np.int8),
+            amount=table.column("TX_AMOUNT").to_numpy(),
+            avg30=table.column(customer_avg_amount(30)).to_numpy(),
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[TerminalRows]) -> TerminalRows:
+        names = ("terminal", "time_us", "txid", "label", "amount", "avg30")
+        return TerminalRows(*(np.concatenate([getattr(p, n) for p in parts]) for n in names))
+
+
+def build_terminal_history(target: FeatureFrame, pool: TerminalRows, k: int, delay_days: int) -> np.ndarray:
     """Per target row, its terminal's last ``k`` pool rows with time <= t - delay, oldest first.
 
     The bound is the terminal risk windows' near end (SPEC §4), so a label is used only once it
     has matured. Within a terminal, rows are ordered by time then transaction id. Returns
     [n, k, TERMINAL_STEP] float32 (see :class:`CardHistory`).
     """
-    n, m = len(pool), len(target)
+    n, m = len(pool.terminal), len(target)
     order = np.lexsort((pool.txid, pool.time_us, pool.terminal))
     sorted_terminal = pool.terminal[order]
     # Where each query (terminal, t - delay) falls among the sorted pool rows: one stable merge sort
@@ -178,12 +213,12 @@ def build_terminal_history(target: FeatureFrame, pool: FeatureFrame, k: int, del
         ok = pos >= 0
         ok[ok] = sorted_terminal[pos[ok]] == target.terminal[ok]
         row = order[pos[ok]]
-        amount = np.log1p(np.maximum(pool.x[row, _AMOUNT_COL], 0))
+        amount = np.log1p(np.maximum(pool.amount[row], 0))
         age = (target.time_us[ok] - pool.time_us[row]) / MICROS_PER_DAY
         col = k - back
         out[ok, col, 0] = pool.label[row]
         out[ok, col, 1] = amount / 5
-        out[ok, col, 2] = amount - np.log1p(np.maximum(pool.x[row, _AVG30_COL], 0))
+        out[ok, col, 2] = amount - np.log1p(np.maximum(pool.avg30[row], 0))
         out[ok, col, 3] = np.log1p(age) / 3
         out[ok, col, 4] = 1
     return out
@@ -204,10 +239,13 @@ def read_with_history(
     wanted = [d for d in history_days(days, lookback_days) if d >= first_date]
     history = read_features(lake, wanted) if wanted else empty
     out = build_history(target, history, k)
-    if terminal_len:
+    if terminal_len:  # days only the terminal history reaches: just the columns it needs
         older = [d for d in history_days(days, terminal_lookback_days) if d >= first_date and d not in wanted]
-        pool = FeatureFrame.concat([read_features(lake, older) if older else empty, history, target])
-        out.terminal = build_terminal_history(target, pool, terminal_len, LABEL_DELAY_DAYS)
+        parts = [TerminalRows.of_frame(history), TerminalRows.of_frame(target)]
+        if older:
+            table = lake.read_days(Dataset.FEATURES, older, schema=FEATURE_SCHEMA, columns=list(TerminalRows.COLUMNS))
+            parts.insert(0, TerminalRows.of_table(table))
+        out.terminal = build_terminal_history(target, TerminalRows.concat(parts), terminal_len, LABEL_DELAY_DAYS)
     return target, out
 
 

@@ -191,6 +191,9 @@ class CardSequenceModel(nn.Module):
         _, h = self.gru(torch.relu(self.step(steps)))
         parts = [z, h[-1]]
         if self.terminal_len:  # the terminal's matured rows go to the head as they are, oldest first
+            if terminal is None:
+                raise ValueError(f"this model reads its terminal's last {self.terminal_len} matured rows: "
+                                 "pass them (jobs.torch.data.read_for_model builds them)")
             parts.append(terminal.flatten(1))
         return self.head(torch.cat(parts, dim=-1))
 
