@@ -50,7 +50,7 @@ ENV_DOC = {
     "FRAUD_FIRST_DATE": "the pipeline's first date, anchor of the training schedule (default 2018-04-01)",
     "FRAUD_TRAIN_EVERY_DAYS": "days between training days (default 7)",
     "FRAUD_TRAIN_WINDOW_DAYS": "length of the labelled training window in days (default 21, chosen on validation folds)",
-    "FRAUD_MODEL": "model kind trained by default: seq (card history, default) or mlp",
+    "FRAUD_MODEL": "model kind trained by default: seq (card and terminal history, default) or mlp",
     "FRAUD_ALERT_K": "cards in the daily alert list (default 100)",
     "FRAUD_PROMOTION_TOLERANCE": "average-precision tolerance for promotion (default 0.005)",
     "FRAUD_SPARK_MASTER": "Spark master for spark-submit outside Airflow (default local[2])",

@@ -66,20 +66,24 @@ class ModelConfig:
 
 
 def random_bytes(n: int) -> torch.Tensor:
-    """At least ``n`` uniform random bytes ([m, 7] uint8) from the default CPU generator, cheaply.
+    """At least ``n`` uniform random bytes (contiguous uint8) from the default CPU generator, cheaply.
 
-    One 64-bit ``random_()`` draw yields 63 uniform bits (its range is [0, 2**63)): its seven low
-    bytes are uniform, the top one is not and is skipped. That is 7 bytes for the cost of one
-    draw, where ``bernoulli_`` spends a 32-bit draw on every element.
+    Each 64-bit draw over the whole int64 range gives eight uniform bytes, where ``bernoulli_``
+    spends a 32-bit draw on every element. (``random_()`` without bounds stops at 2**63, leaving the
+    top byte of every word non-uniform; the explicit range covers all 64 bits.)
     """
-    words = torch.empty((n + 6) // 7, dtype=torch.int64).random_()
-    return words.view(torch.uint8).view(-1, 8)[:, :7]
+    words = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+    return words.view(torch.uint8)
 
 
-def _keep_mask(x: torch.Tensor, keep_below: int) -> torch.Tensor:
-    """Bool mask shaped like ``x``: True with probability keep_below / 256."""
+def _keep(x: torch.Tensor, keep_below: int) -> torch.Tensor:
+    """Float 0/1 mask shaped like ``x``: 1 with probability keep_below / 256.
+
+    Computed in float arithmetic (``clamp(keep_below - byte, 0, 1)`` is 1 exactly when the byte is
+    below ``keep_below``): CPU comparisons that make bool tensors cost several times more.
+    """
     n = x.numel()
-    return (random_bytes(n) < keep_below).view(-1)[:n].view_as(x)
+    return random_bytes(n)[:n].view_as(x).to(x.dtype).neg_().add_(keep_below).clamp_(0, 1)
 
 
 class _ReluDropout(torch.autograd.Function):
@@ -91,9 +95,7 @@ class _ReluDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, keep_below: int) -> torch.Tensor:
-        keep = _keep_mask(x, keep_below)
-        keep &= x > 0
-        mult = keep.to(x.dtype).mul_(256.0 / keep_below)  # (torch.where with scalars: 4x slower)
+        mult = _keep(x, keep_below).mul_(torch.sign(torch.relu(x))).mul_(256.0 / keep_below)
         ctx.save_for_backward(mult)
         return x * mult
 
@@ -126,7 +128,7 @@ class ByteDropout(nn.Module):
             return x
         if x.device.type != "cpu":
             return nn.functional.dropout(x, self.p, True)
-        return x * _keep_mask(x, self.keep_below).to(x.dtype).mul_(256.0 / self.keep_below)
+        return x * _keep(x, self.keep_below).mul_(256.0 / self.keep_below)
 
     def relu_then_drop(self, x: torch.Tensor) -> torch.Tensor:
         """``self(relu(x))`` in one pass forward and one backward (CPU training only)."""
