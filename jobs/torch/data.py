@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import date, timedelta
 
 import numpy as np
@@ -125,6 +125,48 @@ def history_days(days: Sequence[date], lookback_days: int) -> list[date]:
     return [first - timedelta(days=i) for i in range(lookback_days, 0, -1)]
 
 
+@dataclass
+class _Ordered:
+    """Rows ordered by (key, time, transaction id), with as-of lookups per key."""
+
+    order: np.ndarray  # row indices in that order
+    key: np.ndarray  # the sorted keys
+    time: np.ndarray  # the sorted times
+    code: np.ndarray | None  # int64 code of (key, time), increasing along ``order``; None if it would overflow
+    key_min: int = 0
+    span: int = 1
+
+    def rows_at_or_before(self, keys: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Per query: the position after the last sorted row with this key and time <= the query's."""
+        if self.code is None:  # very wide key or time ranges: merge the queries into a 3-key sort instead
+            n, m = len(self.key), len(keys)
+            merged = np.lexsort((np.r_[np.zeros(n, np.int8), np.ones(m, np.int8)], np.r_[self.time, times],
+                                 np.r_[self.key, keys]))
+            is_query = merged >= n
+            out = np.empty(m, dtype=np.int64)
+            out[merged[is_query] - n] = np.cumsum(~is_query)[is_query]
+            return out
+        keys_at = np.clip(keys - self.key_min, -1, (self.code[-1] // self.span) + 1 if len(self.code) else 0)
+        offset = np.clip(times - self.time_min + 1, 0, self.span - 1)
+        return np.searchsorted(self.code, keys_at * self.span + offset, side="right")
+
+    time_min: int = 0
+
+
+def _order_by(key: np.ndarray, time: np.ndarray, txid: np.ndarray) -> _Ordered:
+    """Sort rows by (key, time, txid): two sort keys where (key, time) fit one int64, else three."""
+    if len(key) == 0:
+        return _Ordered(np.zeros(0, np.int64), key, time, np.zeros(0, np.int64))
+    key_min, time_min = int(key.min()), int(time.min())
+    span = int(time.max()) - time_min + 2  # row offsets 1 .. span-1; a query offset 0 means "before all"
+    if (int(key.max()) - key_min + 2) * span < 2**62:
+        code = (key - key_min) * span + (time - time_min + 1)
+        order = np.lexsort((txid, code))
+        return _Ordered(order, key[order], time[order], code[order], key_min, span, time_min)
+    order = np.lexsort((txid, time, key))
+    return _Ordered(order, key[order], time[order], None)
+
+
 def build_history(target: FeatureFrame, history: FeatureFrame, k: int) -> CardHistory:
     """Link every target row to its card's previous k rows among history + target rows.
 
@@ -132,7 +174,7 @@ def build_history(target: FeatureFrame, history: FeatureFrame, k: int) -> CardHi
     """
     pool = FeatureFrame.concat([history, target])
     n_hist = len(history)
-    order = np.lexsort((pool.txid, pool.time_us, pool.card))
+    order = _order_by(pool.card, pool.time_us, pool.txid).order
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
     sorted_card = pool.card[order]
@@ -192,21 +234,15 @@ def build_terminal_history(target: FeatureFrame, pool: TerminalRows, k: int, del
     has matured. Within a terminal, rows are ordered by time then transaction id. Returns
     [n, k, TERMINAL_STEP] float32 (see :class:`CardHistory`).
     """
-    n, m = len(pool.terminal), len(target)
-    order = np.lexsort((pool.txid, pool.time_us, pool.terminal))
-    sorted_terminal = pool.terminal[order]
-    # Where each query (terminal, t - delay) falls among the sorted pool rows: one stable merge sort
-    # in which a pool row at the query's instant sorts first (the bound is inclusive).
     cut = target.time_us - delay_days * MICROS_PER_DAY
-    merged = np.lexsort((
-        np.r_[np.zeros(n, np.int8), np.ones(m, np.int8)],
-        np.r_[pool.time_us[order], cut],
-        np.r_[sorted_terminal, target.terminal],
-    ))
-    is_query = merged >= n
-    pool_rows_before = np.cumsum(~is_query)
-    upto = np.empty(m, dtype=np.int64)
-    upto[merged[is_query] - n] = pool_rows_before[is_query]
+    if len(pool.terminal) and len(target):  # rows younger than every bound can never be looked up
+        young = pool.time_us > cut.max()
+        if young.any():
+            pool = TerminalRows(*(getattr(pool, f.name)[~young] for f in fields(TerminalRows)))
+    m = len(target)
+    by = _order_by(pool.terminal, pool.time_us, pool.txid)
+    order, sorted_terminal = by.order, pool.terminal[by.order]
+    upto = by.rows_at_or_before(target.terminal, cut)  # the bound is inclusive
     out = np.zeros((m, k, TERMINAL_STEP), dtype=np.float32)
     for back in range(1, k + 1):
         pos = upto - back
