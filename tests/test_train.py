@@ -230,6 +230,32 @@ def test_terminal_history_holds_only_matured_rows_of_the_same_terminal_oldest_fi
     assert not hist[2].any()
 
 
+def test_history_lookups_agree_with_the_three_key_sort_used_when_codes_would_overflow(monkeypatch):
+    from jobs.torch import data as D
+
+    rng = np.random.default_rng(0)
+
+    def frame(n: int, first_id: int, shift_days: int, first_terminal: int) -> FeatureFrame:
+        seconds = rng.integers(0, 20 * 86_400, n)  # whole seconds: many same-instant ties
+        return FeatureFrame(rng.random((n, len(MODEL_INPUTS)), dtype=np.float32) * 50,
+                            (rng.random(n) < 0.1).astype(np.int8), rng.integers(0, 2_000, n),
+                            (seconds + shift_days * 86_400) * 1_000_000, first_id + rng.permutation(n),
+                            rng.integers(first_terminal, 4_000, n))
+
+    pool, target = frame(20_000, 0, 0, 100), frame(3_000, 10**6, 10, 0)  # some target terminals have no rows
+    fast = (D.build_history(target, pool, 5), D.build_terminal_history(target, TerminalRows.of_frame(pool), 5, 7))
+
+    def three_keys(key, time, txid):
+        order = np.lexsort((txid, time, key))
+        return D._Ordered(order, key[order], time[order], None)
+
+    monkeypatch.setattr(D, "_order_by", three_keys)
+    slow = (D.build_history(target, pool, 5), D.build_terminal_history(target, TerminalRows.of_frame(pool), 5, 7))
+    assert np.array_equal(fast[0].prev, slow[0].prev) and np.array_equal(fast[0].gap_days, slow[0].gap_days)
+    assert np.array_equal(fast[1], slow[1])
+    assert 0 < fast[1][..., 4].mean() < 1  # some rows have fewer than 5 matured terminal rows
+
+
 @pytest.mark.slow
 def test_torchrun_with_two_processes_trains_with_ddp_and_only_rank_0_writes(lake):
     publish(lake, days=7, rows=200)
