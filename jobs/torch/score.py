@@ -54,6 +54,7 @@ from jobs.torch.model import (
     ModelConfig,
     Scorer,
     build_model,
+    gather_rows,
     scorer_for,
 )
 
@@ -204,7 +205,7 @@ def predict(loaded: Loaded, frame: FeatureFrame, history: CardHistory | None = N
         present = (prev >= 0).float()
         z = scorer.transform(x[s:e])
         terminal = terminal_all[s:e] if terminal_all is not None else None
-        out[s:e] = torch.sigmoid(scorer.model(z, pool[prev.clamp_min(0)], gap_all[s:e], present, terminal)).numpy()
+        out[s:e] = torch.sigmoid(scorer.model(z, gather_rows(pool, prev), gap_all[s:e], present, terminal)).numpy()
 
     workers = workers or score_workers()
     _run_chunks(scale, len(pool), chunk, workers)

@@ -55,7 +55,7 @@ from jobs.torch.data import (
     read_features,
     read_for_model,
 )
-from jobs.torch.model import TRANSFORM, InputTransform, ModelConfig, build_model
+from jobs.torch.model import TRANSFORM, InputTransform, ModelConfig, build_model, gather_rows
 from jobs.torch.score import Loaded, load_version, predict
 
 DEFAULT_HIDDEN = {"mlp": [500], "seq": [128]}  # mlp: the reference's layer; seq: chosen on validation folds
@@ -199,7 +199,7 @@ class TrainingData:
             return (self.z[idx],)
         prev = self.prev[idx]
         present = (prev >= 0).to(self.z.dtype)
-        out = (self.z[idx], self.pool[prev.clamp_min(0)], self.gap[idx], present)
+        out = (self.z[idx], gather_rows(self.pool, prev), self.gap[idx], present)
         return out if self.terminal is None else (*out, self.terminal[idx])
 
 
@@ -245,7 +245,7 @@ def fit(model: nn.Module, data: TrainingData, cfg: TrainConfig, device: torch.de
             stop = min(start + cfg.batch_size, per_rank)
             if seq:
                 p = prev[start:stop]
-                args = (z[start:stop], data.pool[p.clamp_min(0)], gap[start:stop], (p >= 0).to(z.dtype))
+                args = (z[start:stop], gather_rows(data.pool, p), gap[start:stop], (p >= 0).to(z.dtype))
                 if terminal is not None:
                     args = (*args, terminal[start:stop])
             else:
