@@ -247,9 +247,9 @@ def test_history_lookups_agree_with_the_three_key_sort_used_when_codes_would_ove
 
     def three_keys(key, time, txid):
         order = np.lexsort((txid, time, key))
-        return D._Ordered(order, key[order], time[order], None)
+        return D.KeyTimeOrder(order, key[order], time[order], None)
 
-    monkeypatch.setattr(D, "_order_by", three_keys)
+    monkeypatch.setattr(D, "order_by_key_time", three_keys)
     slow = (D.build_history(target, pool, 5), D.build_terminal_history(target, TerminalRows.of_frame(pool), 5, 7))
     assert np.array_equal(fast[0].prev, slow[0].prev) and np.array_equal(fast[0].gap_days, slow[0].gap_days)
     assert np.array_equal(fast[1], slow[1])

@@ -126,14 +126,16 @@ def history_days(days: Sequence[date], lookback_days: int) -> list[date]:
 
 
 @dataclass
-class _Ordered:
-    """Rows ordered by (key, time, transaction id), with as-of lookups per key."""
+class KeyTimeOrder:
+    """Rows ordered by (key, time, transaction id), with as-of lookups per key (:func:`order_by_key_time`)."""
 
     order: np.ndarray  # row indices in that order
     key: np.ndarray  # the sorted keys
     time: np.ndarray  # the sorted times
     code: np.ndarray | None  # int64 code of (key, time), increasing along ``order``; None if it would overflow
     key_min: int = 0
+    key_count: int = 0  # keys key_min .. key_min + key_count - 1 have a slot in the code
+    time_min: int = 0
     span: int = 1
 
     def rows_at_or_before(self, keys: np.ndarray, times: np.ndarray) -> np.ndarray:
@@ -146,25 +148,24 @@ class _Ordered:
             out = np.empty(m, dtype=np.int64)
             out[merged[is_query] - n] = np.cumsum(~is_query)[is_query]
             return out
-        keys_at = np.clip(keys - self.key_min, -1, (self.code[-1] // self.span) + 1 if len(self.code) else 0)
+        slot = np.clip(keys - self.key_min, -1, self.key_count)  # keys outside the range: before or after all
         offset = np.clip(times - self.time_min + 1, 0, self.span - 1)
-        return np.searchsorted(self.code, keys_at * self.span + offset, side="right")
-
-    time_min: int = 0
+        return np.searchsorted(self.code, slot * self.span + offset, side="right")
 
 
-def _order_by(key: np.ndarray, time: np.ndarray, txid: np.ndarray) -> _Ordered:
+def order_by_key_time(key: np.ndarray, time: np.ndarray, txid: np.ndarray) -> KeyTimeOrder:
     """Sort rows by (key, time, txid): two sort keys where (key, time) fit one int64, else three."""
     if len(key) == 0:
-        return _Ordered(np.zeros(0, np.int64), key, time, np.zeros(0, np.int64))
+        return KeyTimeOrder(np.zeros(0, np.int64), key, time, np.zeros(0, np.int64))
     key_min, time_min = int(key.min()), int(time.min())
+    key_count = int(key.max()) - key_min + 1
     span = int(time.max()) - time_min + 2  # row offsets 1 .. span-1; a query offset 0 means "before all"
-    if (int(key.max()) - key_min + 2) * span < 2**62:
+    if (key_count + 1) * span < 2**62:
         code = (key - key_min) * span + (time - time_min + 1)
         order = np.lexsort((txid, code))
-        return _Ordered(order, key[order], time[order], code[order], key_min, span, time_min)
+        return KeyTimeOrder(order, key[order], time[order], code[order], key_min, key_count, time_min, span)
     order = np.lexsort((txid, time, key))
-    return _Ordered(order, key[order], time[order], None)
+    return KeyTimeOrder(order, key[order], time[order], None)
 
 
 def build_history(target: FeatureFrame, history: FeatureFrame, k: int) -> CardHistory:
@@ -174,7 +175,7 @@ def build_history(target: FeatureFrame, history: FeatureFrame, k: int) -> CardHi
     """
     pool = FeatureFrame.concat([history, target])
     n_hist = len(history)
-    order = _order_by(pool.card, pool.time_us, pool.txid).order
+    order = order_by_key_time(pool.card, pool.time_us, pool.txid).order
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
     sorted_card = pool.card[order]
@@ -221,10 +222,12 @@ class TerminalRows:
             avg30=table.column(customer_avg_amount(30)).to_numpy(),
         )
 
+    def take(self, index: np.ndarray) -> TerminalRows:
+        return TerminalRows(*(getattr(self, f.name)[index] for f in fields(TerminalRows)))
+
     @staticmethod
     def concat(parts: Sequence[TerminalRows]) -> TerminalRows:
-        names = ("terminal", "time_us", "txid", "label", "amount", "avg30")
-        return TerminalRows(*(np.concatenate([getattr(p, n) for p in parts]) for n in names))
+        return TerminalRows(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(TerminalRows)))
 
 
 def build_terminal_history(target: FeatureFrame, pool: TerminalRows, k: int, delay_days: int) -> np.ndarray:
@@ -238,9 +241,9 @@ def build_terminal_history(target: FeatureFrame, pool: TerminalRows, k: int, del
     if len(pool.terminal) and len(target):  # rows younger than every bound can never be looked up
         young = pool.time_us > cut.max()
         if young.any():
-            pool = TerminalRows(*(getattr(pool, f.name)[~young] for f in fields(TerminalRows)))
+            pool = pool.take(~young)
     m = len(target)
-    by = _order_by(pool.terminal, pool.time_us, pool.txid)
+    by = order_by_key_time(pool.terminal, pool.time_us, pool.txid)
     order, sorted_terminal = by.order, pool.terminal[by.order]
     upto = by.rows_at_or_before(target.terminal, cut)  # the bound is inclusive
     out = np.zeros((m, k, TERMINAL_STEP), dtype=np.float32)

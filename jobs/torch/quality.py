@@ -38,7 +38,14 @@ import torch
 from jobs.common.config import REPO_ROOT, settings
 from jobs.common.lake import Dataset, Lake, day_range
 from jobs.common.schema import CLEAN_SCHEMA
-from jobs.torch.data import MICROS_PER_DAY, FeatureFrame, model_history_days, read_features, read_for_model
+from jobs.torch.data import (
+    MICROS_PER_DAY,
+    FeatureFrame,
+    model_history_days,
+    order_by_key_time,
+    read_features,
+    read_for_model,
+)
 from jobs.torch.model import scorer_for
 from jobs.torch.score import Loaded, predict
 from jobs.torch.train import TrainConfig, evaluate_scores, train_model
@@ -102,17 +109,11 @@ def with_evidence(lake: Lake, start: date) -> tuple[FeatureFrame, np.ndarray]:
     when = clean.column("TX_DATETIME").cast(pa.int64()).to_numpy()
     order = np.argsort(ids)
     at = order[np.searchsorted(ids[order], frame.txid)]
-    # scenario 2 frauds sorted by (terminal, time); count those in [t - 28 days, t - 7 days] per test row
+    # scenario 2 frauds per terminal, as of t - 7 days minus as of just before t - 28 days
     s2 = np.flatnonzero(scenario == 2)
-    s2 = s2[np.lexsort((when[s2], terminal[s2]))]
-    t0 = min(int(when.min()), int(frame.time_us.min()) - 28 * MICROS_PER_DAY)  # every offset below is >= 0
-    span = int(max(when.max(), frame.time_us.max())) - t0 + 1
-    code = terminal[s2].astype(np.int64) * span + (when[s2] - t0)
-
-    def count_before(offset_days: int, side: str) -> np.ndarray:
-        return np.searchsorted(code, frame.terminal * span + (frame.time_us - t0 - offset_days * MICROS_PER_DAY), side)
-
-    matured_compromise = count_before(7, "right") - count_before(28, "left") > 0
+    frauds = order_by_key_time(terminal[s2].astype(np.int64), when[s2], ids[s2])
+    matured_compromise = (frauds.rows_at_or_before(frame.terminal, frame.time_us - 7 * MICROS_PER_DAY)
+                          - frauds.rows_at_or_before(frame.terminal, frame.time_us - 28 * MICROS_PER_DAY - 1)) > 0
     fraud_scenario = scenario[at]
     evidence = (frame.label == 1) & ((fraud_scenario == 1) | (fraud_scenario == 3)
                                      | ((fraud_scenario == 2) & matured_compromise))
