@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
-from datetime import date
+from datetime import date, timedelta
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 
 from jobs.common import lake as lake_mod
@@ -85,13 +86,16 @@ def test_stale_attempts_are_collected(lake: Lake, monkeypatch):
     assert not lake.exists(attempt.path)
 
 
-def test_concurrent_writers_last_complete_write_wins_whole(any_lake: Lake):
+@pytest.mark.parametrize("round_", range(5))
+def test_concurrent_writers_last_complete_write_wins_whole(any_lake: Lake, round_: int):
+    # Several rounds: writers that superseded the same attempt race to remove it (a CI failure).
+    day = D + timedelta(days=round_)
     tables = {i: pa.table({"writer": [i] * (100 + i)}) for i in range(4)}
     errors: list[BaseException] = []
 
     def write(i: int) -> None:
         try:
-            any_lake.write_table(Dataset.SCORES, D, tables[i])
+            any_lake.write_table(Dataset.SCORES, day, tables[i])
         except BaseException as exc:  # noqa: BLE001 - surfaced below
             errors.append(exc)
 
@@ -101,11 +105,28 @@ def test_concurrent_writers_last_complete_write_wins_whole(any_lake: Lake):
     for t in threads:
         t.join()
     assert not errors
-    result = any_lake.read_table(Dataset.SCORES, D)
+    result = any_lake.read_table(Dataset.SCORES, day)
     writers = set(result.column("writer").to_pylist())
     assert len(writers) == 1, "partition mixes writers"
     (winner,) = writers
     assert result.num_rows == tables[winner].num_rows
+    folder = any_lake.partition_path(Dataset.SCORES, day)
+    attempts = [i for i in any_lake.list_dir(folder) if i.type == pafs.FileType.Directory]
+    assert attempts and all(any_lake.list_files(i.path) for i in attempts), "no empty leftovers"
+
+
+def test_removing_a_folder_someone_else_just_removed_is_not_an_error(any_lake: Lake, monkeypatch):
+    gone = any_lake.path("scores", "transactions", "date=2018-04-01", "attempt=0000000000000000")
+    real_exists = any_lake.exists
+    calls = []
+
+    def exists_then_gone(path: str) -> bool:
+        calls.append(path)
+        return True if len(calls) == 1 else real_exists(path)  # it was there when we looked
+
+    monkeypatch.setattr(any_lake, "exists", exists_then_gone)
+    any_lake.delete_dir(gone)
+    assert len(calls) >= 2, "the folder's absence was checked again after the failed removal"
 
 
 def test_put_if_absent_has_exactly_one_winner(any_lake: Lake):

@@ -260,6 +260,19 @@ class Lake:
         return self.fs.get_file_info(pafs.FileSelector(fs_path, allow_not_found=True, recursive=recursive))
 
     def delete_dir(self, fs_path: str) -> None:
+        """Remove a folder and what is in it; one that is already gone is not an error.
+
+        Two writers that both superseded one attempt both remove it; whichever comes second finds
+        some or all of it gone (pyarrow raises FileNotFoundError, on S3 and on a local disk).
+        """
+        for _ in range(3):
+            if not self.exists(fs_path):
+                return
+            try:
+                self.fs.delete_dir(fs_path)
+                return
+            except FileNotFoundError:
+                continue  # removed under us, wholly or in part: look again
         if self.exists(fs_path):
             self.fs.delete_dir(fs_path)
 
