@@ -126,6 +126,32 @@ def window_cost(spark, lake: Lake, days: list[date], windows_days: tuple[int, ..
     return time.perf_counter() - started
 
 
+def movement_floor(spark, lake: Lake, days: list[date]) -> float:
+    """The job's plan with identity functions: read, both shuffles, both Arrow round trips, no-op sink.
+
+    This is what Spark spends moving the rows before any window is computed or any file written:
+    a lower bound on the job's time for this design (the real passes also carry the feature columns).
+    """
+    from jobs.spark import features
+
+    inputs = features.find_inputs(lake, days, FIRST)
+    clean = features.read_clean(spark, inputs.files)
+
+    def unchanged(batches):  # a nested function travels to the workers by value
+        yield from batches
+
+    partitions = int(spark.conf.get("spark.sql.shuffle.partitions"))
+    started = time.perf_counter()
+    frame = (
+        clean.repartition(partitions, "CUSTOMER_ID")
+        .mapInArrow(unchanged, clean.schema)
+        .repartition(features.write_tasks(spark), "TERMINAL_ID")
+        .mapInArrow(unchanged, clean.schema)
+    )
+    frame.write.format("noop").mode("overwrite").save()
+    return time.perf_counter() - started
+
+
 # --- (b) DuckDB --------------------------------------------------------------------------------
 
 _US_PER_DAY = 86_400_000_000
@@ -339,6 +365,17 @@ def main(flags: list[str]) -> int:
                         f"job is {pandas_s / job_s:.1f}x faster ({pandas_s / (job_s + warm_up):.1f}x with the warm-up, "
                         f"{pandas_s / (job_s + warm_up + startup):.1f}x with start-up too)",
                         "target >= 20x",
+                    ]
+                )
+                floor = movement_floor(spark, lake, days)
+                print(f"[{scale.name}] rows moved, nothing computed {floor:.1f}s (load {load()})", flush=True)
+                rows.append(
+                    [
+                        "the job's plan with identity functions (read, 2 shuffles, 2 Arrow round trips)",
+                        f"{n:,}",
+                        f"{floor:.1f} s",
+                        f"pandas / this = {pandas_s / floor:.1f}x: the most this design can reach",
+                        "",
                     ]
                 )
                 del ours, result, frame
