@@ -5,7 +5,8 @@ On the same generated clean data (local[2], 2 threads for DuckDB) it times:
   (b) DuckDB computing the same 15 features with plain window functions (RANGE frames),
   (c) a pandas implementation in the reference handbook's style (groupby + apply of time-based
       rolling windows), at the reference scale only,
-and compares every output row by row before reporting a time. It also measures how the job's
+and compares every output row by row before reporting a time. The job and DuckDB run in turns,
+``ROUNDS`` times, and each one's best time is reported. It also measures how the job's
 cost depends on window length: only the 1-day windows vs only the 30-day windows, same input.
 Spark's start-up and the first job's one-off warm-up (JVM classes, Python workers: the same job on
 a tiny lake) are measured on their own, so every timed run is in a warm session; the pandas
@@ -41,6 +42,7 @@ from jobs.common.schema import (
 )
 
 FIRST = date(2018, 4, 1)
+ROUNDS = 2  # the job and DuckDB run in turns this many times; the best of each is reported
 
 
 @dataclass(frozen=True)
@@ -315,13 +317,16 @@ def main(flags: list[str]) -> int:
             n = clean.num_rows
             print(f"[{scale.name}] {n:,} clean rows over {len(days)} days (load {load()})", flush=True)
 
-            job_s = run_job(spark, lake, days)
-            print(f"[{scale.name}] job {job_s:.1f}s (load {load()})", flush=True)
-            ours = by_id(lake.read_days(Dataset.FEATURES, days, schema=FEATURE_SCHEMA))
-
+            # The job and DuckDB take turns, ROUNDS times; each keeps its best time (the shared cores are noisy).
             duck_path = str(Path(tmp) / scale.name / "duckdb.parquet")
-            duck_s = run_duckdb(lake, days, duck_path)
-            print(f"[{scale.name}] duckdb {duck_s:.1f}s (load {load()})", flush=True)
+            job_times, duck_times = [], []
+            for _ in range(ROUNDS):
+                job_times.append(run_job(spark, lake, days))
+                print(f"[{scale.name}] job {job_times[-1]:.1f}s (load {load()})", flush=True)
+                duck_times.append(run_duckdb(lake, days, duck_path))
+                print(f"[{scale.name}] duckdb {duck_times[-1]:.1f}s (load {load()})", flush=True)
+            job_s, duck_s = min(job_times), min(duck_times)
+            ours = by_id(lake.read_days(Dataset.FEATURES, days, schema=FEATURE_SCHEMA))
             import pyarrow.parquet as pq
 
             compared = compare("duckdb", ours, by_id(pq.read_table(duck_path)))
@@ -381,8 +386,10 @@ def main(flags: list[str]) -> int:
                 del ours, result, frame
 
             if scale is scales[-1]:
-                one = window_cost(spark, lake, days, (1,))
-                thirty = window_cost(spark, lake, days, (30,))
+                one = thirty = float("inf")
+                for _ in range(ROUNDS):  # in turns, best of each
+                    one = min(one, window_cost(spark, lake, days, (1,)))
+                    thirty = min(thirty, window_cost(spark, lake, days, (30,)))
                 print(f"[{scale.name}] 1-day {one:.1f}s, 30-day {thirty:.1f}s (load {load()})", flush=True)
                 rows.append(["job, only the 1-day windows (no-op sink)", f"{n:,}", f"{one:.1f} s", "", ""])
                 rows.append(
@@ -407,6 +414,8 @@ def main(flags: list[str]) -> int:
             table,
             "",
             *[f"- {note}" for note in notes],
+            f"- The job and DuckDB (and the 1-day and 30-day runs) ran in turns, {ROUNDS} times each; "
+            "the table gives each one's best time.",
             f"- Load average (1/5/15 min) on the 2 shared cores: {'; '.join(loads)}.",
         ]
     )
