@@ -232,12 +232,56 @@ def test_backfill_runs_all_succeed_in_parallel(backfilled):
     assert late > next_day
 
 
+MODEL_OUTPUTS = ("scores/transactions", "alerts/cards")
+
+
+def _by_training(lake_uri: str, rows: list[dict] | None) -> list[dict] | None:
+    """Rows with each model version replaced by its training key (recipe + exact inputs).
+
+    A version is named by the hash of its checkpoint bytes. CPU training here is deterministic
+    across runs, threads and load (checked many times over), yet once in about 30 processes a
+    run's first forward pass came out one float32 ulp apart, and the weights ended up about 1e-6
+    apart. The scores agreed to every printed digit, but the checkpoint hash, and so the name,
+    changed. So the model a row came from is compared by what it was trained on. Its scores
+    are compared to 1e-6.
+    """
+    from jobs.common.lake import Lake
+    from jobs.torch.registry import Registry
+
+    if rows is None:
+        return None
+    registry, keys = Registry(Lake.from_uri(lake_uri)), {}
+    for row in rows:
+        if row.get("model_version") is not None:
+            name = row["model_version"]
+            keys.setdefault(name, registry.version(name)["training_key"])
+            row["model_version"] = keys[name]
+    return rows
+
+
+def _assert_same_rows(got: list[dict] | None, want: list[dict] | None, what: str, tolerance: float) -> None:
+    assert (got is None) == (want is None), what
+    if got is None:
+        return
+    assert len(got) == len(want), what
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys(), what
+        for column, value in g.items():
+            if isinstance(value, float) and tolerance:
+                assert abs(value - w[column]) <= tolerance, f"{what}: {column} {value} vs {w[column]}"
+            else:
+                assert value == w[column], f"{what}: {column} {value!r} vs {w[column]!r} (row {g})"
+
+
 def test_backfill_equals_sequential(backfilled, sequential_lake):
     _, lake, _ = backfilled
     for day in _days(START, END):
         for dataset in DATASETS:
             got, want = _content(lake.uri, dataset, day), _content(sequential_lake, dataset, day)
-            assert got == want, f"{dataset} {day} differs from the sequential run"
+            if dataset in MODEL_OUTPUTS:
+                got, want = _by_training(lake.uri, got), _by_training(sequential_lake, want)
+            what = f"{dataset} {day} differs from the sequential run"
+            _assert_same_rows(got, want, what, tolerance=1e-6 if dataset in MODEL_OUTPUTS else 0.0)
     # before the first champion nothing is scored; from the first training day on, every day is
     for day in _days(START, END):
         scored = _content(lake.uri, "scores/transactions", day) is not None
