@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from datetime import date, timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,15 @@ def movement_floor(spark, lake: Lake, days: list[date]) -> float:
     )
     frame.write.format("noop").mode("overwrite").save()
     return time.perf_counter() - started
+
+
+def best_in_turns(*runs) -> list[float]:
+    """Call the runs in turn, ROUNDS times over; each one's best time (the shared cores are noisy)."""
+    best = [float("inf")] * len(runs)
+    for _ in range(ROUNDS):
+        for i, run in enumerate(runs):
+            best[i] = min(best[i], run())
+    return best
 
 
 # --- (b) DuckDB --------------------------------------------------------------------------------
@@ -317,15 +327,9 @@ def main(flags: list[str]) -> int:
             n = clean.num_rows
             print(f"[{scale.name}] {n:,} clean rows over {len(days)} days (load {load()})", flush=True)
 
-            # The job and DuckDB take turns, ROUNDS times; each keeps its best time (the shared cores are noisy).
             duck_path = str(Path(tmp) / scale.name / "duckdb.parquet")
-            job_times, duck_times = [], []
-            for _ in range(ROUNDS):
-                job_times.append(run_job(spark, lake, days))
-                print(f"[{scale.name}] job {job_times[-1]:.1f}s (load {load()})", flush=True)
-                duck_times.append(run_duckdb(lake, days, duck_path))
-                print(f"[{scale.name}] duckdb {duck_times[-1]:.1f}s (load {load()})", flush=True)
-            job_s, duck_s = min(job_times), min(duck_times)
+            job_s, duck_s = best_in_turns(partial(run_job, spark, lake, days), partial(run_duckdb, lake, days, duck_path))
+            print(f"[{scale.name}] job {job_s:.1f}s, duckdb {duck_s:.1f}s, best of {ROUNDS} (load {load()})", flush=True)
             ours = by_id(lake.read_days(Dataset.FEATURES, days, schema=FEATURE_SCHEMA))
             import pyarrow.parquet as pq
 
@@ -386,10 +390,8 @@ def main(flags: list[str]) -> int:
                 del ours, result, frame
 
             if scale is scales[-1]:
-                one = thirty = float("inf")
-                for _ in range(ROUNDS):  # in turns, best of each
-                    one = min(one, window_cost(spark, lake, days, (1,)))
-                    thirty = min(thirty, window_cost(spark, lake, days, (30,)))
+                one, thirty = best_in_turns(partial(window_cost, spark, lake, days, (1,)),
+                                            partial(window_cost, spark, lake, days, (30,)))
                 print(f"[{scale.name}] 1-day {one:.1f}s, 30-day {thirty:.1f}s (load {load()})", flush=True)
                 rows.append(["job, only the 1-day windows (no-op sink)", f"{n:,}", f"{one:.1f} s", "", ""])
                 rows.append(

@@ -265,16 +265,15 @@ class Lake:
         Two writers that both superseded one attempt both remove it; whichever comes second finds
         some or all of it gone (pyarrow raises FileNotFoundError, on S3 and on a local disk).
         """
-        for _ in range(3):
+        for attempt in range(3):
             if not self.exists(fs_path):
                 return
             try:
                 self.fs.delete_dir(fs_path)
                 return
-            except FileNotFoundError:
-                continue  # removed under us, wholly or in part: look again
-        if self.exists(fs_path):
-            self.fs.delete_dir(fs_path)
+            except FileNotFoundError:  # removed under us, wholly or in part: look again
+                if attempt == 2:
+                    raise
 
     # --- landing (written by the source) -------------------------------------------------------
     def landing_ready(self, day: date) -> bool:
