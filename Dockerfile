@@ -40,17 +40,6 @@ RUN pip install -r requirements.txt -c constraints.txt
 # Airflow's metadata database in docker-compose is PostgreSQL (the local set-up uses SQLite).
 RUN pip install "psycopg2-binary==2.9.10"
 
-# s3a:// for Spark (an s3:// lake): add hadoop-aws and the AWS SDK bundle matching the Hadoop
-# version inside pyspark (see `ls $(python -c 'import pyspark,os;print(os.path.dirname(pyspark.__file__))')/jars/hadoop-client-*`).
-# Uncomment and set HADOOP_VERSION / AWS_SDK_VERSION to those versions:
-# ARG HADOOP_VERSION=3.4.1
-# ARG AWS_SDK_VERSION=2.24.6
-# RUN SPARK_JARS="$(python -c 'import pyspark,os;print(os.path.join(os.path.dirname(pyspark.__file__),"jars"))')" \
-#     && curl -fsSL -o "$SPARK_JARS/hadoop-aws-${HADOOP_VERSION}.jar" \
-#        "https://repo1.maven.org/maven2/org/apache/hadoop/hadoop-aws/${HADOOP_VERSION}/hadoop-aws-${HADOOP_VERSION}.jar" \
-#     && curl -fsSL -o "$SPARK_JARS/bundle-${AWS_SDK_VERSION}.jar" \
-#        "https://repo1.maven.org/maven2/software/amazon/awssdk/bundle/${AWS_SDK_VERSION}/bundle-${AWS_SDK_VERSION}.jar"
-
 COPY jobs ./jobs
 COPY dags ./dags
 COPY plugins ./plugins

@@ -21,12 +21,15 @@ import pyarrow as pa
 import torch
 
 from bench import markdown_table, write_section
+from jobs.common.calendar import Calendar, TrainingSchedule
 from jobs.common.lake import Dataset, Lake
-from jobs.common.schedule import MODEL_HISTORY_DAYS, TrainingSchedule
 from jobs.torch import registry as R
-from jobs.torch.score import SCORE_CHUNK, load_version, score_day
+from jobs.torch.checkpoint import checkpoint_bytes, load_version
+from jobs.torch.fit import train_model
+from jobs.torch.predict import SCORE_CHUNK
+from jobs.torch.score import score_day
 from jobs.torch.synthetic import synthetic_features
-from jobs.torch.train import TrainConfig, checkpoint_bytes, train_model
+from jobs.torch.train import TrainConfig
 
 FIRST = date(2018, 4, 1)
 DAY = date(2018, 5, 1)
@@ -49,7 +52,7 @@ def champion(lake: Lake, kind: str) -> str:
         lake.write_table(Dataset.FEATURES, day, synthetic_features(day, 2_000, cards=500))
     cfg = TrainConfig(lake=lake.uri, date=DAY.isoformat(), model=kind, epochs=1).resolved()
     trained = train_model(lake, cfg, window, FIRST, torch.device("cpu"))
-    ckpt = checkpoint_bytes(cfg, cfg.model_config(), trained.model, trained.transform)
+    ckpt = checkpoint_bytes(cfg.recipe(), cfg.model_config(), trained.model, trained.transform)
     registry = R.Registry(lake, TrainingSchedule(FIRST, every_days=10_000, window_days=7))
     version = f"{kind}-bench"
     load_version(ckpt, version)
@@ -62,7 +65,7 @@ def measure(kind: str, rows: int, threads: int) -> tuple[int, float]:
     with tempfile.TemporaryDirectory() as tmp:
         lake = Lake.from_uri(Path(tmp).as_uri())
         champion(lake, kind)
-        back = MODEL_HISTORY_DAYS if kind == "seq" else 0
+        back = Calendar(FIRST).model_history_days if kind == "seq" else 0
         for day in (DAY - timedelta(days=i) for i in range(back, -1, -1)):
             lake.write_table(Dataset.FEATURES, day, big_day(day, rows))
         registry = R.Registry(lake, TrainingSchedule(FIRST, every_days=10_000, window_days=7))

@@ -6,7 +6,7 @@ the card-history sequence model) with the product's default configuration. The r
 a ``torch.utils.data.Dataset`` whose ``__getitem__`` returns one row (for the sequence model: the
 row and its card's previous rows), batched by a ``DataLoader`` of batch 64, Adam (as in the
 handbook); for the MLP also with torch's ``nn.Dropout`` exactly as the handbook has it. Ours is
-``jobs.torch.train.fit`` with the product defaults (batch size, learning rate: the configuration
+``jobs.torch.fit.fit`` with the product defaults (batch size, learning rate: the configuration
 the quality figures are measured with). Then the wall time of one complete model (read the window
 from the lake, fit the scaler, train the default number of epochs) per model kind.
 
@@ -28,9 +28,10 @@ from torch import nn
 from bench import markdown_table, write_section
 from jobs.common.lake import Dataset, Lake
 from jobs.torch.data import read_for_model
+from jobs.torch.fit import Dist, TrainingData, fit, prepare, train_model
 from jobs.torch.model import ByteDropout, InputTransform, build_model
 from jobs.torch.synthetic import synthetic_features
-from jobs.torch.train import Dist, TrainConfig, TrainingData, fit, prepare, train_model
+from jobs.torch.train import TrainConfig
 
 FIRST = date(2018, 4, 1)
 

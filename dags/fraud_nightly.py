@@ -9,11 +9,12 @@ from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, task
 from fraud_ops.config import orchestration
 from fraud_ops.notify import notify_failure
 from fraud_ops.runners import LocalProcessOperator, torch_task
-from fraud_ops.sensors import DecisionSensor, LandingSensor, PartitionsSensor
+from fraud_ops.sensors import DecisionSensor, InputsSensor, LandingSensor
 from fraud_ops.spark import SparkJobOperator
 
-from jobs.common.config import EXIT_NO_CHAMPION, settings
-from jobs.common.schedule import MODEL_HISTORY_DAYS
+from jobs.common.cli import EXIT_NO_CHAMPION
+from jobs.common.config import settings
+from jobs.common.datasets import Dataset
 
 CFG = orchestration()
 STEP = settings()
@@ -70,19 +71,22 @@ def fraud_nightly():
 
     1. **wait_for_landing** waits for `landing/transactions/date=D/_SUCCESS`;
     2. **clean** (Spark) types, dedupes and validates D into `clean/` and `quarantine/`;
-    3. **wait_for_clean_history** waits for the clean days D-37 .. D-1 the features need (days
-       before the pipeline's first date never existed and are not waited for), then
+    3. **wait_for_clean_history** waits for the clean history the gate and the features read
+       (days before the pipeline's first date never existed and are not waited for), then
        **quality_gate** fails the run on a high quarantine share, an empty day or a collapsed volume;
     4. **features** (Spark) computes the behavioural features of D;
     5. **train_today** branches: on a training day (or with *force_retrain*) **train** (PyTorch,
-       on a GPU when the runner has one) trains on the window ending D-8 and decides promotion,
-       after **wait_for_training_inputs** (its feature days and the previous training day's decision);
+       on a GPU when the runner has one) trains on the latest labelled window and decides
+       promotion, after **wait_for_training_inputs** (its feature days) and
+       **wait_for_previous_decision** (decisions are made in date order);
     6. **wait_for_decision** waits for the decision of the latest training day <= D and
-       **wait_for_feature_history** for the features of D-7 .. D-1 (the sequence model's card
-       history), then **score** scores D with the champion as of D and writes the top-k alerts
-       (skipped, with the reason, when there is no champion yet);
+       **wait_for_feature_history** for the feature days the model's history reads, then **score**
+       scores D with the champion as of D and writes the top-k alerts (skipped, with the reason,
+       when there is no champion yet);
     7. **report** writes `reports/date=D/` (JSON and a page with plots).
 
+    Every sensor waits for what the step after it reads, as the step contracts declare
+    (`jobs/common/contracts.py`, day offsets from `jobs/common/calendar.py`; docs/contract.md).
     Data moves only through the lake (`FRAUD_LAKE_URI`); tasks pass the lake URI and the date.
     Settings: `jobs/common/config.py` (the steps) and `plugins/fraud_ops/config.py` (orchestration).
     """
@@ -90,16 +94,14 @@ def fraud_nightly():
     @task(multiple_outputs=True)
     def plan(params=None, data_interval_start=None, dag_run=None) -> dict:
         """The day D this run processes (the form's date, else the data interval) and the lake."""
-        from datetime import timedelta
-
-        from jobs.common.lake import parse_day
+        from jobs.common.calendar import ONE_DAY, parse_day
 
         if params.get("date"):
             day = parse_day(params["date"])
         elif data_interval_start is not None:
             day = data_interval_start.date()
         else:  # a manual run without a logical date: the last complete UTC day
-            day = dag_run.run_after.date() - timedelta(days=1)
+            day = dag_run.run_after.date() - ONE_DAY
         return {"day": day.isoformat(), "lake": settings().lake_uri}
 
     @task
@@ -111,8 +113,7 @@ def fraud_nightly():
 
     @task.branch
     def train_today(day: str, params=None) -> str:
-        from jobs.common.lake import parse_day
-        from jobs.common.schedule import TrainingSchedule
+        from jobs.common.calendar import TrainingSchedule, parse_day
 
         training = params["force_retrain"] or TrainingSchedule.from_settings().is_training_day(parse_day(day))
         return "wait_for_training_inputs" if training else "no_training"
@@ -133,21 +134,19 @@ def fraud_nightly():
         task_id="clean", job="clean", lake=lake, day=day, conn_id=CFG.spark_conn_id,
         conf=CFG.spark_conf, driver_memory=STEP.spark_driver_memory, outlets=[CLEAN, QUARANTINE],
     )  # fmt: skip
-    clean_history = PartitionsSensor(
-        task_id="wait_for_clean_history", dataset="clean/transactions", lake=lake, day=day,
-        first_back=37, last_back=1, **wait,
+    clean_history = InputsSensor(
+        task_id="wait_for_clean_history", steps=("quality_gate", "features"), dataset=Dataset.CLEAN,
+        lake=lake, day=day, **wait,
     )  # fmt: skip
     features = SparkJobOperator(
         task_id="features", job="features", lake=lake, day=day, conn_id=CFG.spark_conn_id,
         conf=CFG.spark_conf, driver_memory=STEP.spark_driver_memory, outlets=[FEATURES],
     )  # fmt: skip
-    training_inputs = PartitionsSensor(  # the windows ending D-8 and D-15, and the history the model reads before them
-        task_id="wait_for_training_inputs", dataset="features/transactions", lake=lake, day=day,
-        first_back=f"{{{{ {14 + MODEL_HISTORY_DAYS} + params.window_days }}}}", last_back=8, **wait,
+    training_inputs = InputsSensor(
+        task_id="wait_for_training_inputs", steps="train", dataset=Dataset.FEATURES, lake=lake, day=day,
+        window_days="{{ params.window_days }}", **wait,
     )  # fmt: skip
-    previous_decision = DecisionSensor(
-        task_id="wait_for_previous_decision", which="previous", lake=lake, day=day, **wait
-    )
+    previous_decision = DecisionSensor(task_id="wait_for_previous_decision", step="train", lake=lake, day=day, **wait)
     train = torch_task(
         "train", "train",
         ["--lake", lake, "--date", day, "--window-days", "{{ params.window_days }}",
@@ -156,12 +155,11 @@ def fraud_nightly():
     )  # fmt: skip
     no_training = EmptyOperator(task_id="no_training")
     decision = DecisionSensor(
-        task_id="wait_for_decision", which="latest", lake=lake, day=day,
+        task_id="wait_for_decision", step="score", lake=lake, day=day,
         trigger_rule="none_failed_min_one_success", **wait,
     )  # fmt: skip
-    feature_history = PartitionsSensor(  # the sequence model's card and terminal history: features of D-14 .. D-1
-        task_id="wait_for_feature_history", dataset="features/transactions", lake=lake, day=day,
-        first_back=MODEL_HISTORY_DAYS, last_back=1, **wait,
+    feature_history = InputsSensor(
+        task_id="wait_for_feature_history", steps="score", dataset=Dataset.FEATURES, lake=lake, day=day, **wait,
     )  # fmt: skip
     score = torch_task(
         "score", "score", ["--lake", lake, "--date", day, "--k", "{{ params.k }}"],

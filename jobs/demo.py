@@ -2,7 +2,7 @@
 
 1. generates a small history into a local lake (``.lake/``, or ``FRAUD_LAKE_URI``);
 2. bootstraps it the way an operator would, paying Spark's start-up once per step: the range
-   commands of SPEC §6 (clean and features over the history, training on each training day in
+   commands of docs/contract.md ("Command line") (clean and features over the history, training on each training day in
    order, scoring the history);
 3. runs the DAG ``fraud_nightly`` for D with ``airflow dags test`` (Airflow metadata on SQLite in
    ``.airflow/``, ``spark_default`` = ``local[2]``): landing sensor, Spark clean, quality gate,
@@ -81,29 +81,35 @@ class Demo:
         ])  # fmt: skip
 
     def bootstrap(self) -> None:
+        """Publish what the nightly run for D reads from before D, as the step contracts declare:
+        the clean and feature history (one range run each), the decisions of the training days
+        before D in order, and the scores the report looks back on."""
+        from jobs.common import commands
+        from jobs.common.calendar import ONE_DAY, calendar
+        from jobs.common.contracts import ORDER, upstream
         from jobs.common.lake import Dataset
-        from jobs.common.schedule import TrainingSchedule
         from jobs.torch.registry import Registry
 
-        end = self.day - timedelta(days=1)
-        history = ["--lake", self.lake_uri, "--start", self.first.isoformat(), "--end", end.isoformat()]
-        if not self.lake.is_published(Dataset.CLEAN, end):
-            self.run("clean the history (one Spark start)", self.spark("clean", *history))
-        if not self.lake.is_published(Dataset.FEATURES, end):
-            self.run("features of the history (one Spark start)", self.spark("features", *history))
-        schedule = TrainingSchedule.from_settings()
-        registry = Registry(self.lake, schedule)
-        for train_day in schedule.training_days(self.first, end):
+        cal = calendar()
+        end = self.day - ONE_DAY
+        training = cal.schedule.training_days(self.first, end)
+        runs = [(s, self.day) for s in ORDER] + [("train", t) for t in training]
+        needed = {ds: [d for d in days if d <= end] for ds, days in upstream(runs, cal).items()}
+        for job in ("clean", "features"):
+            days = needed[Dataset.CLEAN if job == "clean" else Dataset.FEATURES]
+            missing = [d for d in days if not self.lake.is_published(getattr(Dataset, job.upper()), d)]
+            if missing:
+                args = commands.day_args(self.lake_uri, min(missing), end)
+                self.run(f"{job} the history {min(missing)}..{end} (one Spark start)", self.spark(job, *args))
+        registry = Registry(self.lake, cal)
+        for train_day in training:
             if registry.decision(train_day) is None:
-                self.run(f"train on training day {train_day}", [
-                    sys.executable, "-m", "jobs.torch.train", "--lake", self.lake_uri, "--date", train_day.isoformat(),
-                ])  # fmt: skip
-        first_scored = schedule.first_training_day
-        if first_scored <= end and not self.lake.is_published(Dataset.SCORES, end):
-            self.run("score the history", [
-                sys.executable, "-m", "jobs.torch.score", "--lake", self.lake_uri,
-                "--start", first_scored.isoformat(), "--end", end.isoformat(),
-            ], ok_codes=(0, 99))  # fmt: skip
+                self.run(f"train on training day {train_day}",
+                         commands.step_command("train", commands.day_args(self.lake_uri, train_day)))
+        scored = [d for d in needed.get(Dataset.SCORES, []) if d >= cal.schedule.first_training_day]
+        if scored and not self.lake.is_published(Dataset.SCORES, end):
+            self.run("score the history", commands.step_command(
+                "score", commands.day_args(self.lake_uri, min(scored), end)), ok_codes=(0, 99))
 
     def nightly(self) -> None:
         sys.path.insert(0, str(REPO_ROOT / "deploy"))

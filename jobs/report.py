@@ -11,7 +11,6 @@ lake, never on the clock.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -19,16 +18,19 @@ import json
 import math
 import posixpath
 import sys
+import uuid
 from collections.abc import Sequence
-from datetime import date, timedelta
+from datetime import date
 
 import numpy as np
 
+from jobs.common.calendar import Calendar, calendar
+from jobs.common.cli import EXIT_OK, day_parser, parse_days, run_each
 from jobs.common.config import settings
-from jobs.common.lake import Dataset, Lake, LakeError, parse_day
-from jobs.common.schema import HISTORY_DAYS, LABEL_DELAY_DAYS
+from jobs.common.lake import Dataset, Lake, LakeError
+from jobs.common.provenance import CHAMPION, InputRecorder, lineage
 
-MATURED_OFFSET = LABEL_DELAY_DAYS + 1  # day D-8 and earlier: every label has matured by D
+STEP = "report"
 TOP_ALERTS = 10
 
 
@@ -63,12 +65,9 @@ def counts(lake: Lake, day: date) -> dict:
     }
 
 
-def volume_trend(lake: Lake, day: date, first_date: date) -> list[dict]:
+def volume_trend(lake: Lake, day: date, cal: Calendar) -> list[dict]:
     out = []
-    for back in range(HISTORY_DAYS, -1, -1):
-        d = day - timedelta(days=back)
-        if d < first_date:
-            continue
+    for d in cal.expected(cal.span(day, cal.report_history_days)):
         manifest = lake.manifest(Dataset.CLEAN, d)
         if manifest is not None:
             stats = manifest.get("stats", {})
@@ -76,13 +75,11 @@ def volume_trend(lake: Lake, day: date, first_date: date) -> list[dict]:
     return out
 
 
-def model_section(lake: Lake, day: date) -> dict:
-    from jobs.common.schedule import TrainingSchedule
+def model_section(lake: Lake, day: date, cal: Calendar) -> dict:
     from jobs.torch.registry import Registry
 
-    schedule = TrainingSchedule.from_settings()
-    registry = Registry(lake, schedule)
-    latest = schedule.latest_training_day(day)
+    registry = Registry(lake, cal)
+    latest = cal.schedule.latest_training_day(day)
     decision = registry.decision(latest) if latest else None
     try:
         champion = registry.champion_as_of(day)
@@ -107,12 +104,12 @@ def _labels_by_id(lake: Lake, day: date) -> dict[int, int]:
     return dict(zip(ids.tolist(), labels.tolist(), strict=True))
 
 
-def matured_frame(lake: Lake, day: date, first_date: date) -> tuple[list[date], dict[str, np.ndarray]]:
-    """Scores of the scored days D-37 .. D-8 joined with their (matured) labels."""
+def matured_frame(lake: Lake, day: date, cal: Calendar) -> tuple[list[date], dict[str, np.ndarray]]:
+    """Scores of the scored days whose labels have matured by D, joined with those labels."""
+    first_date = cal.first_date
     days, parts = [], {"day": [], "card": [], "label": [], "score": []}
-    for back in range(HISTORY_DAYS, MATURED_OFFSET - 1, -1):
-        d = day - timedelta(days=back)
-        if d < first_date or not lake.is_published(Dataset.SCORES, d) or not lake.is_published(Dataset.CLEAN, d):
+    for d in cal.expected(cal.report_matured(day)):
+        if not lake.is_published(Dataset.SCORES, d) or not lake.is_published(Dataset.CLEAN, d):
             continue
         scores = lake.read_table(Dataset.SCORES, d, columns=["TRANSACTION_ID", "CUSTOMER_ID", "score"])
         labels = _labels_by_id(lake, d)
@@ -249,23 +246,22 @@ Latest training day: {_fmt(m.get("latest_training_day"))}.</p>
 
 # --- entry point -----------------------------------------------------------------------------------
 def build_report(lake: Lake, day: date, k: int | None = None) -> tuple[dict, dict[str, bytes]]:
-    cfg = settings()
-    k = k or cfg.alert_k
-    days, frame = matured_frame(lake, day, cfg.first_date)
+    cal = calendar()
+    k = k or settings().alert_k
+    days, frame = matured_frame(lake, day, cal)
     scores = day_scores(lake, day)
-    trend = volume_trend(lake, day, cfg.first_date)
+    trend = volume_trend(lake, day, cal)
     score_run = _latest_run_record(lake, "score", day)
     report = {
         "date": day.isoformat(),
-        "lake": lake.uri,
         "counts": counts(lake, day),
         "quality": _latest_run_record(lake, "quality_gate", day),
-        "model": model_section(lake, day),
+        "model": model_section(lake, day, cal),
         "scoring": {
             "status": "scored" if scores.size or lake.is_published(Dataset.SCORES, day) else "not scored",
             "reason": None if lake.is_published(Dataset.SCORES, day) else (score_run or {}).get("reason"),
         },
-        "matured_performance": matured_performance(days, frame, cfg.first_date, k),
+        "matured_performance": matured_performance(days, frame, cal.first_date, k),
         "top_alerts": top_alerts(lake, day),
         "volume_trend": trend,
     }
@@ -274,15 +270,24 @@ def build_report(lake: Lake, day: date, k: int | None = None) -> tuple[dict, dic
     return report, plots(frame, scores, trend, day)
 
 
-def write_report(lake: Lake, day: date, report: dict, images: dict[str, bytes]) -> str:
+def report_lineage(lake: Lake, day: date, report: dict, k: int) -> dict:
+    """What the report of D was made from: the partitions its contract names (absent ones recorded
+    as such) and the champion it describes."""
+    cal = calendar()
+    inputs = InputRecorder(lake).step_inputs(STEP, day, cal)
+    champion = (report["model"].get("champion") or {}).get("version")
+    inputs.append({"dataset": CHAMPION, "date": day.isoformat(), "digest": champion})
+    return lineage(STEP, inputs, {"k": k})
+
+
+def write_report(lake: Lake, day: date, report: dict, images: dict[str, bytes], provenance: dict | None = None) -> str:
     """Publish ``reports/date=D/`` (replacing the previous report whole); return the page's URI."""
     attempt = lake.new_attempt(Dataset.REPORTS, day)
     files = {"report.json": json.dumps(report, indent=2, sort_keys=True, default=str).encode()}
     files["report.html"] = render_html(report, images).encode()
     files.update(images)
-    for name, data in files.items():
-        lake.write_bytes(posixpath.join(attempt.path, name), data)
-    lake.publish(attempt, stats={"files": sorted(files)})
+    records = [lake.write_file(attempt, name, data) for name, data in files.items()]
+    lake.publish(attempt, stats={"files": sorted(files)}, lineage=provenance, files=records)
     return lake.to_uri(posixpath.join(attempt.path, "report.html"))
 
 
@@ -300,16 +305,26 @@ def read_report(lake: Lake, day: date) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__.splitlines()[0])
-    parser.add_argument("--lake", default=None, help="lake root URI (default: FRAUD_LAKE_URI)")
-    parser.add_argument("--date", type=parse_day, required=True, help="the day D")
+    parser = day_parser("python -m jobs.report", __doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=0, help="k of Card Precision@k (default FRAUD_ALERT_K)")
-    args = parser.parse_args(argv)
-    lake = Lake.from_uri(args.lake or settings().lake_uri)
-    report, images = build_report(lake, args.date, args.k or None)
-    page = write_report(lake, args.date, report, images)
-    print(f"report of {args.date}: {page}")
-    return 0
+    args = parse_days(parser, argv)
+    lake = Lake.from_uri(args.lake)
+    k = args.k or settings().alert_k
+
+    def one(day: date) -> None:
+        report, images = build_report(lake, day, k)
+        page = write_report(lake, day, report, images, report_lineage(lake, day, report, k))
+        print(f"report of {day}: {page}")
+
+    code = run_each(STEP, args.days, one)
+    if code == EXIT_OK:
+        from jobs.lineage import stale_count
+
+        stale = stale_count(lake)
+        for day in args.days:
+            lake.write_run_record(STEP, day, uuid.uuid4().hex[:16], {"date": day.isoformat(), "stale_partitions": stale})
+        print(f"report: {stale} stale partitions in the lake (python -m jobs.lineage status --lake {lake.uri})")
+    return code
 
 
 if __name__ == "__main__":

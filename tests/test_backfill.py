@@ -80,7 +80,7 @@ def _spark(job: str, lake_uri: str, start: date, end: date) -> None:
 
 
 def _training_days() -> list[date]:
-    from jobs.common.schedule import TrainingSchedule
+    from jobs.common.calendar import TrainingSchedule
 
     schedule = TrainingSchedule(FIRST, int(SMALL["FRAUD_TRAIN_EVERY_DAYS"]), int(SMALL["FRAUD_TRAIN_WINDOW_DAYS"]))
     assert schedule.first_training_day == FIRST_TRAINING
@@ -89,15 +89,28 @@ def _training_days() -> list[date]:
     return days
 
 
+def _history_before_start() -> dict[str, list[date]]:
+    """What the backfilled runs read from before START, as the step contracts declare it."""
+    from jobs.common.calendar import Calendar
+    from jobs.common.contracts import ORDER, upstream
+
+    cal = Calendar(FIRST, train_every_days=int(SMALL["FRAUD_TRAIN_EVERY_DAYS"]),
+                   train_window_days=int(SMALL["FRAUD_TRAIN_WINDOW_DAYS"]))
+    runs = [(step, day) for day in _days(START, END) for step in ORDER]
+    return {ds: [d for d in days if d < START] for ds, days in upstream(runs, cal).items()}
+
+
 @pytest.fixture(scope="module")
 def history_lake(tmp_path_factory) -> Path:
-    """Generated landing data for FIRST .. END and the clean/features history before START (once)."""
+    """Generated landing data for FIRST .. END and the clean/features history the runs read before START."""
     root = tmp_path_factory.mktemp("history") / "lake"
     uri = root.as_uri()
     _run([sys.executable, "-m", "jobs.datagen", "--lake", uri, "--start", FIRST.isoformat(), "--days",
           str((END - FIRST).days + 1), "--customers", "60", "--terminals", "120", "--seed", "7"], uri)  # fmt: skip
-    _spark("clean", uri, FIRST, START - timedelta(days=1))
-    _spark("features", uri, FIRST, START - timedelta(days=1))
+    history = _history_before_start()
+    for job, dataset in (("clean", "clean/transactions"), ("features", "features/transactions")):
+        assert history[dataset] == _days(FIRST, START - timedelta(days=1)), (dataset, history[dataset])
+        _spark(job, uri, history[dataset][0], history[dataset][-1])
     return root
 
 

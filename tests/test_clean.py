@@ -492,7 +492,7 @@ def test_range_run_names_the_days_not_done(spark, lake, capsys):
     code = clean.main(["--lake", lake.uri, "--start", D.isoformat(), "--end", "2018-04-03"])
     err = capsys.readouterr().err
     assert code == 1
-    assert "days not done: 2018-04-02, 2018-04-03" in err
+    assert "days not done: 2018-04-02..2018-04-03" in err
     assert lake.is_published(Dataset.CLEAN, D) and not lake.is_published(Dataset.CLEAN, D2)
 
 

@@ -7,8 +7,8 @@ from datetime import date
 import pyarrow as pa
 
 from jobs.common import schema
+from jobs.common.calendar import Calendar, TrainingSchedule
 from jobs.common.config import settings
-from jobs.common.schedule import TrainingSchedule, train_window, validation_week
 
 
 def test_model_inputs_are_the_spec_order():
@@ -62,7 +62,7 @@ def test_training_schedule_anchored_on_first_date():
     s = TrainingSchedule(date(2018, 4, 1), every_days=7, window_days=7)
     # the first window D-14 .. D-8 must start on or after the first date
     assert s.first_training_day == date(2018, 4, 15)
-    assert train_window(s.first_training_day, 7)[0] == date(2018, 4, 1)
+    assert Calendar(date(2018, 4, 1)).train_window(s.first_training_day, 7)[0] == date(2018, 4, 1)
     assert not s.is_training_day(date(2018, 4, 8)), "before enough labelled days"
     assert s.is_training_day(date(2018, 4, 22)) and not s.is_training_day(date(2018, 4, 23))
     assert s.latest_training_day(date(2018, 4, 14)) is None
@@ -84,5 +84,29 @@ def test_training_schedule_with_other_cadence():
 
 
 def test_validation_week_is_t_minus_14_to_t_minus_8():
-    week = validation_week(date(2018, 4, 29))
+    week = Calendar(date(2018, 4, 1)).validation_week(date(2018, 4, 29))
     assert week[0] == date(2018, 4, 15) and week[-1] == date(2018, 4, 21) and len(week) == 7
+
+
+def test_code_version_is_real_and_the_same_from_the_zip_spark_ships(tmp_path):
+    """The jobs package's content hash, also where the code runs from the --py-files zip (no checkout,
+    no .git): what every manifest records as its code version."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from jobs.common.provenance import code_version
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "plugins"))
+    from fraud_ops.spark import build_jobs_zip
+
+    here = code_version()
+    assert here.startswith("sha256:") and len(here) > 20
+    shipped = build_jobs_zip(out_dir=str(tmp_path))
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import jobs; assert jobs.__file__.startswith(sys.argv[1]), "
+             "jobs.__file__; from jobs.common.provenance import code_version; print(code_version())")
+    out = subprocess.run([sys.executable, "-c", probe, shipped], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == here

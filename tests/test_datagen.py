@@ -1,4 +1,4 @@
-"""The built-in generator (SPEC §3): determinism, landing layout, formats, scenario rules, scale."""
+"""The built-in generator (docs/contract.md, "Raw transactions"): determinism, landing layout, formats, scenario rules, scale."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from jobs.datagen.simulator import (
 START = date(2018, 4, 1)
 SMALL = {"customers": 400, "terminals": 800, "seed": 7}
 DAYS = 45  # longer than both scenario windows, so their ends are inside the range
-# SPEC §3's numbers, written out here rather than imported from the code under test
+# The contract's numbers (docs/contract.md), written out here rather than imported from the code under test
 SCENARIO1_AMOUNT = 220.0
 SCENARIO2_DAYS = 28
 SCENARIO3_DAYS = 14

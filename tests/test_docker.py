@@ -36,8 +36,6 @@ def test_dockerfile_instructions(dockerfile):
     assert any(i == "ENTRYPOINT" for i in instructions) and any(i == "USER" for i in instructions)
     env = " ".join(a for i, a in dockerfile if i == "ENV")
     assert "AIRFLOW__CORE__DAGS_FOLDER=/opt/fraud/dags" in env and "PYTHONPATH=/opt/fraud" in env
-    # the s3a step is documented (commented out) in the file
-    assert "hadoop-aws" in (REPO / "Dockerfile").read_text()
 
 
 def test_dockerfile_pins_match_requirements():

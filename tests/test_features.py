@@ -1,4 +1,4 @@
-"""Exactness of the features job (SPEC §4) on small hand-built clean partitions.
+"""Exactness of the features job (docs/contract.md, "Features") on small hand-built clean partitions.
 
 Every boundary case lives on its own customer or terminal, all on one lake, computed by one
 range run and by day-by-day runs. T is Monday 2018-05-14 12:00:00; the query transaction of
@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.common.calendar import Calendar
+from jobs.common.cli import EXIT_WAITING
 from jobs.common.lake import Dataset, Lake
 from jobs.common.schema import (
     CLEAN_SCHEMA,
@@ -225,28 +227,28 @@ def test_range_run_equals_day_by_day_runs(scenario):
 # --- inputs that are not there -----------------------------------------------------------------
 
 
-def test_day_itself_not_published_is_an_error_and_nothing_is_written(lake, capsys):
+def test_day_itself_not_published_waits_and_nothing_is_written(lake, capsys):
     publish_clean(lake, [], days_between(FIRST_DATE, date(2018, 4, 9)))
-    assert run_cli(lake, "--date", "2018-04-10") == 1
+    assert run_cli(lake, "--date", "2018-04-10") == EXIT_WAITING
     err = capsys.readouterr().err
     assert "not published" in err and "2018-04-10" in err and "days not done: 2018-04-10" in err
     assert not lake.is_published(Dataset.FEATURES, date(2018, 4, 10))
 
 
-def test_missing_history_after_first_date_is_an_error_naming_the_days(lake, capsys):
+def test_missing_history_after_first_date_waits_naming_the_days(lake, capsys):
     days = [
         d
         for d in days_between(FIRST_DATE, date(2018, 4, 20))
         if d not in (date(2018, 4, 9), date(2018, 4, 10))
     ]
     publish_clean(lake, [], days)
-    assert run_cli(lake, "--start", "2018-04-19", "--end", "2018-04-20") == 1
+    assert run_cli(lake, "--start", "2018-04-19", "--end", "2018-04-20") == EXIT_WAITING
     err = capsys.readouterr().err
     assert "2018-04-09..2018-04-10" in err and "days not done: 2018-04-19..2018-04-20" in err
     assert not lake.is_published(Dataset.FEATURES, date(2018, 4, 19))
 
 
-def test_script_runs_as_a_file_and_fails_clearly_on_missing_input(lake):
+def test_script_runs_as_a_file_and_says_clearly_what_it_waits_for(lake):
     done = subprocess.run(
         [sys.executable, "jobs/spark/features.py", "--lake", lake.uri, "--date", "2018-04-10"],
         capture_output=True,
@@ -254,14 +256,14 @@ def test_script_runs_as_a_file_and_fails_clearly_on_missing_input(lake):
         cwd=features.__file__.rsplit("/jobs/", 1)[0],
         timeout=120,
     )
-    assert done.returncode == 1
+    assert done.returncode == EXIT_WAITING
     assert "clean partitions not published" in done.stderr and "2018-04-10" in done.stderr
 
 
 def test_history_before_first_date_is_absent_not_missing(lake):
     # first date 2018-04-07: 2018-03-31 .. 04-06 are simply absent for D = 2018-04-07
     publish_clean(lake, [(1, datetime(2018, 4, 7, 8), 1, 1, 5.0, 0)], [FIRST_DATE])
-    inputs = features.find_inputs(lake, [FIRST_DATE], FIRST_DATE)
+    inputs = features.find_inputs(lake, [FIRST_DATE], Calendar(FIRST_DATE))
     assert len(inputs.files) == 1
 
 
@@ -343,8 +345,9 @@ def test_randomized_against_brute_force(spark, lake):
     ]
     days = days_between(start.date(), start.date() + timedelta(days=39))
     publish_clean(lake, rows, days)
-    inputs = features.find_inputs(lake, days, start.date())
-    assert features.run(spark, lake, inputs) == 0
+    cal = Calendar(start.date())
+    inputs = features.find_inputs(lake, days, cal)
+    assert features.run(spark, lake, inputs, cal) == 0
     got = read_features(lake, days).sort_index()
     want = brute_force(clean_table(rows).to_pandas()).sort_index()
     assert got.index.tolist() == want.index.tolist()

@@ -1,4 +1,4 @@
-"""The lake contract (SPEC §2) on a local directory and on a real S3 server (SeaweedFS)."""
+"""The lake contract (docs/contract.md, "The lake") on a local directory and on a real S3 server (SeaweedFS)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Metrics of SPEC §5 on examples small enough to compute by hand."""
+"""Metrics of docs/contract.md ("Training, evaluation and promotion") on examples small enough to compute by hand."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from datetime import date
 
 import pytest
 
-from jobs.common.schedule import TrainingSchedule
+from jobs.common.calendar import TrainingSchedule
 from jobs.torch import registry as reg
 
 SCHEDULE = TrainingSchedule(first_date=date(2018, 4, 1), every_days=7, window_days=7)

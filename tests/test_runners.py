@@ -144,7 +144,7 @@ def test_gate_verdicts():
     from fraud_ops.config import GateThresholds
     from fraud_ops.gates import evaluate
 
-    limits = GateThresholds(max_quarantine_share=0.05, min_volume_ratio=0.5, max_volume_ratio=3.0)
+    limits = GateThresholds(max_quarantine_share=0.05, min_volume_ratio=0.5, max_volume_ratio=3.0, min_trailing_days=3)
     ok = evaluate({"rows_in": 1000, "clean": 990, "quarantined_total": 10}, [1000] * 7, limits)
     assert ok["passed"], ok
     bad_share = evaluate({"rows_in": 1000, "clean": 900, "quarantined_total": 100}, [1000] * 7, limits)

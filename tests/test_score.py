@@ -10,11 +10,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-from jobs.common.config import EXIT_NO_CHAMPION
+from jobs.common.cli import EXIT_NO_CHAMPION, EXIT_WAITING
 from jobs.common.lake import Dataset, Lake
 from jobs.common.schema import ALERTS_SCHEMA, SCORES_SCHEMA
 from jobs.torch import registry as R
 from jobs.torch import score, train
+from jobs.torch.checkpoint import IncompatibleModel, Loaded, load_version
+from jobs.torch.model import ModelConfig
+from jobs.torch.predict import predict_columns
 from jobs.torch.synthetic import synthetic_features
 
 FIRST = date(2018, 4, 1)
@@ -34,7 +37,7 @@ def trained_lake(tmp_path_factory):
             day = FIRST + timedelta(days=i)
             lake.write_table(Dataset.FEATURES, day, synthetic_features(day, 300, cards=150))
         assert score.main(["--lake", lake.uri, "--date", "2018-04-14"]) == EXIT_NO_CHAMPION
-        assert score.main(["--lake", lake.uri, "--date", T1.isoformat()]) == score.EXIT_WAITING
+        assert score.main(["--lake", lake.uri, "--date", T1.isoformat()]) == EXIT_WAITING
         for day in (T1, T2):
             assert train.main(["--lake", lake.uri, "--date", day.isoformat(), *FAST]) == 0
         yield lake
@@ -113,7 +116,7 @@ def test_waiting_for_a_decision_is_not_no_champion(trained_lake):
         day = FIRST + timedelta(days=i)
         lake.write_table(Dataset.FEATURES, day, synthetic_features(day, 50, cards=150))
     rc = score.main(["--lake", lake.uri, "--date", "2018-04-29"])
-    assert rc == score.EXIT_WAITING and rc not in (0, EXIT_NO_CHAMPION)
+    assert rc == EXIT_WAITING and rc not in (0, EXIT_NO_CHAMPION)
     assert not lake.is_published(Dataset.SCORES, date(2018, 4, 29))
 
 
@@ -124,8 +127,8 @@ def test_a_model_for_other_features_is_refused(trained_lake):
     for key, value in (("features", ckpt["features"][::-1]), ("feature_schema_version", "0" * 16)):
         buf = io.BytesIO()
         torch.save({**ckpt, key: value}, buf)
-        with pytest.raises(score.IncompatibleModel):
-            score.load_version(buf.getvalue(), "bad")
+        with pytest.raises(IncompatibleModel):
+            load_version(buf.getvalue(), "bad")
 
 
 def test_fast_alerts_match_a_full_group_by():
@@ -146,18 +149,18 @@ def test_fast_alerts_match_a_full_group_by():
 
 
 def test_folded_chunked_scoring_matches_the_scorer_module():
-    from jobs.torch.model import InputTransform, ModelConfig, build_model, scorer_for
+    from jobs.torch.model import InputTransform, build_model, scorer_for
 
     torch.manual_seed(0)
-    cfg = score.ModelConfig(hidden=[64, 32])
+    cfg = ModelConfig(hidden=[64, 32])
     x = torch.rand(5_000, len(score.MODEL_INPUTS)) * 50
     scorer = scorer_for(cfg, InputTransform.fit(x), build_model(ModelConfig(hidden=[64, 32]))).eval()
-    loaded = score.Loaded("v", cfg, scorer)
+    loaded = Loaded("v", cfg, scorer)
     with torch.no_grad():
         expected = scorer(x).double().numpy()
     cols = [x[:, j].double().numpy() for j in range(x.shape[1])]
     for workers in (1, 2):
-        got = score.predict_columns(loaded, cols, workers=workers, chunk=700)
+        got = predict_columns(loaded, cols, workers=workers, chunk=700)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
-    assert np.array_equal(score.predict_columns(loaded, cols, workers=2, chunk=700),
-                          score.predict_columns(loaded, cols, workers=1, chunk=700))  # scheduling-independent
+    assert np.array_equal(predict_columns(loaded, cols, workers=2, chunk=700),
+                          predict_columns(loaded, cols, workers=1, chunk=700))  # scheduling-independent

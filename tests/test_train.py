@@ -1,4 +1,4 @@
-"""Training: determinism, checkpoint and export, lineage, and the promotion decisions of SPEC §5."""
+"""Training: determinism, checkpoint and export, lineage, and the promotion decisions of docs/contract.md ("Training, evaluation and promotion")."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from jobs.common.calendar import MICROS_PER_DAY
+from jobs.common.cli import EXIT_WAITING
 from jobs.common.lake import Dataset, Lake
 from jobs.common.schema import FEATURE_SCHEMA_VERSION, MODEL_INPUTS, customer_avg_amount
 from jobs.torch import registry as R
 from jobs.torch import train
+from jobs.torch.checkpoint import load_version
 from jobs.torch.data import (
-    MICROS_PER_DAY,
     TERMINAL_STEP,
     FeatureFrame,
     TerminalRows,
@@ -27,7 +29,8 @@ from jobs.torch.data import (
     read_for_model,
     read_with_history,
 )
-from jobs.torch.score import load_version, predict
+from jobs.torch.fit import merge_ensemble
+from jobs.torch.predict import predict
 from jobs.torch.synthetic import synthetic_features
 
 FIRST = date(2018, 4, 1)
@@ -78,8 +81,9 @@ def test_training_is_deterministic_on_cpu_and_writes_a_complete_version(tmp_path
 
     lineage = json.loads(registry.read_file(version, R.LINEAGE))
     assert [i["date"] for i in lineage["inputs"]] == [(FIRST + timedelta(days=i)).isoformat() for i in range(7)]
-    assert all(len(i["manifest_sha256"]) == 64 for i in lineage["inputs"])
-    assert lineage["code_version"] and lineage["seed"] == 0
+    assert all(i["digest"] == lake.digest(Dataset.FEATURES, date.fromisoformat(i["date"]))
+               for lake in lakes[:1] for i in lineage["inputs"])
+    assert lineage["code_version"].startswith("sha256:") and lineage["seed"] == 0
     metrics = json.loads(registry.read_file(version, R.METRICS))
     assert metrics["train"]["rows"] == 7 * 400
 
@@ -126,7 +130,7 @@ def test_exported_program_scores_like_the_checkpoint_without_project_code(lake, 
 
 def test_decisions_wait_in_date_order_then_compare_with_the_champion(lake):
     publish(lake, days=15)
-    assert run_train(lake, T2) == train.EXIT_WAITING  # T1 not decided yet
+    assert run_train(lake, T2) == EXIT_WAITING  # T1 not decided yet
     assert R.Registry(lake).decision(T2) is None
     assert run_train(lake, T1) == 0
     assert run_train(lake, T2) == 0
@@ -307,7 +311,7 @@ def test_an_ensemble_is_stored_as_one_wider_mlp_with_the_mean_logit():
     members = [build_model(ModelConfig(hidden=[8])).eval() for _ in range(3)]
     cfg = train.TrainConfig(lake="x", date="2018-04-15", model="mlp", hidden=[8], ensemble=3).resolved()
     assert cfg.model_config().hidden == [24] and cfg.member_config().hidden == [8]
-    merged = train.merge_ensemble(members, cfg.model_config())
+    merged = merge_ensemble(members, cfg.model_config())
     z = torch.randn(50, 25)
     with torch.no_grad():
         expected = torch.stack([m(z) for m in members]).mean(dim=0)

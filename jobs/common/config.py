@@ -33,6 +33,8 @@ class S3Settings:
 class Settings:
     lake_uri: str
     first_date: date
+    label_delay_days: int
+    label_lookback_days: int
     train_every_days: int
     train_window_days: int
     model: str
@@ -48,6 +50,8 @@ class Settings:
 ENV_DOC = {
     "FRAUD_LAKE_URI": "lake root: file:///abs/path or s3://bucket/prefix (default: file://<repo>/.lake)",
     "FRAUD_FIRST_DATE": "the pipeline's first date, anchor of the training schedule (default 2018-04-01)",
+    "FRAUD_LABEL_DELAY_DAYS": "days after its transaction that a label may be used (default 7: the calendar's root offset)",
+    "FRAUD_LABEL_LOOKBACK_DAYS": "a label event must name a clean transaction of this many days before it (default 120)",
     "FRAUD_TRAIN_EVERY_DAYS": "days between training days (default 7)",
     "FRAUD_TRAIN_WINDOW_DAYS": "length of the labelled training window in days (default 21, chosen on validation folds)",
     "FRAUD_MODEL": "model kind trained by default: seq (card and terminal history, default) or mlp",
@@ -72,6 +76,8 @@ def settings() -> Settings:
     return Settings(
         lake_uri=_env("FRAUD_LAKE_URI", default_lake_uri()),
         first_date=date.fromisoformat(_env("FRAUD_FIRST_DATE", "2018-04-01")),
+        label_delay_days=int(_env("FRAUD_LABEL_DELAY_DAYS", "7")),
+        label_lookback_days=int(_env("FRAUD_LABEL_LOOKBACK_DAYS", "120")),
         train_every_days=int(_env("FRAUD_TRAIN_EVERY_DAYS", "7")),
         train_window_days=int(_env("FRAUD_TRAIN_WINDOW_DAYS", "21")),
         model=_env("FRAUD_MODEL", "seq"),
@@ -90,7 +96,3 @@ def settings() -> Settings:
         ),
     )
 
-
-# Exit status of `python -m jobs.torch.score` when no champion exists yet for the day: the DAG
-# treats it as "skipped, with a recorded reason", not as a failure.
-EXIT_NO_CHAMPION = 99

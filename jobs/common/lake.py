@@ -1,6 +1,6 @@
 """The lake: the only code that knows paths, markers and atomic publish, for file:// and s3://.
 
-Layout (SPEC §2), under one root URI::
+Layout (docs/contract.md, "The lake"), under one root URI::
 
     landing/transactions/date=D/*.parquet|*.csv + _SUCCESS      written by the source
     <dataset>/date=D/_MANIFEST.json                                 what is published for D
@@ -23,6 +23,7 @@ A published partition may hold zero rows ("the source had no data"); an unpublis
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import posixpath
@@ -30,7 +31,7 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date
 from typing import Any
 from urllib.parse import urlparse
 
@@ -39,30 +40,31 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from jobs.common.calendar import day_range, parse_day  # noqa: F401 - re-exported for callers
 from jobs.common.config import S3Settings, settings
+from jobs.common.datasets import Dataset
 
 MANIFEST = "_MANIFEST.json"
+MANIFEST_FORMAT = 2  # 2: files carry sha256, the manifest a content digest and the partition's lineage
 SUCCESS = "_SUCCESS"
 ATTEMPT_PREFIX = "attempt="
 STALE_ATTEMPT_SECONDS = 6 * 3600
 
 
-class Dataset:
-    """Dataset folders under the root (SPEC §2). Use these names, never literal paths."""
-
-    LANDING = "landing/transactions"
-    CLEAN = "clean/transactions"
-    QUARANTINE = "quarantine/transactions"
-    FEATURES = "features/transactions"
-    SCORES = "scores/transactions"
-    ALERTS = "alerts/cards"
-    REPORTS = "reports"
-
-    PUBLISHED = (CLEAN, QUARANTINE, FEATURES, SCORES, ALERTS, REPORTS)
-
-
-MODELS = "models"
+MODELS = Dataset.MODELS
 RUNS = "_runs"
+
+
+def file_record(name: str, data: bytes, rows: int | None) -> dict:
+    """What a manifest says of one file: its name in the attempt, rows, size and content hash."""
+    return {"name": name, "rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def content_digest(files: Sequence[dict]) -> str:
+    """A partition's digest: its files' contents and row counts, in manifest order (not their names,
+    not the attempt), so the same rows written again give the same digest."""
+    parts = [[f["sha256"], f["rows"]] for f in files]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 class LakeError(RuntimeError):
@@ -71,22 +73,6 @@ class LakeError(RuntimeError):
 
 class NotPublished(LakeError):
     """The partition has not been published (it is not the same as an empty partition)."""
-
-
-def day_range(start: date, end: date) -> list[date]:
-    """Inclusive list of days from start to end."""
-    if end < start:
-        raise ValueError(f"end {end} is before start {start}")
-    return [start + timedelta(days=i) for i in range((end - start).days + 1)]
-
-
-def parse_day(text: str | date) -> date:
-    if isinstance(text, date):
-        return text
-    try:
-        return date.fromisoformat(text)
-    except ValueError as exc:
-        raise ValueError(f"not a date (YYYY-MM-DD): {text!r}") from exc
 
 
 @dataclass(frozen=True)
@@ -329,18 +315,23 @@ class Lake:
     def is_published(self, dataset: str, day: date) -> bool:
         return self.manifest(dataset, day) is not None
 
-    def published_dates(self, dataset: str) -> list[date]:
+    def partition_dates(self, dataset: str) -> list[date]:
+        """Days that have a ``date=D`` folder (published or not), in date order."""
         days = []
         for info in self.list_dir(self.path(dataset)):
             if info.type == pafs.FileType.Directory and info.base_name.startswith("date="):
-                day = parse_day(info.base_name[len("date=") :])
-                if self.is_published(dataset, day):
-                    days.append(day)
-        return days
+                try:
+                    days.append(parse_day(info.base_name[len("date=") :]))
+                except ValueError:
+                    continue  # not a partition of ours
+        return sorted(days)
 
-    def partition_files(self, dataset: str, day: date) -> list[str]:
+    def published_dates(self, dataset: str) -> list[date]:
+        return [d for d in self.partition_dates(dataset) if self.is_published(dataset, d)]
+
+    def partition_files(self, dataset: str, day: date, manifest: dict | None = None) -> list[str]:
         """File-system paths of the published files of a partition (may be empty)."""
-        manifest = self.manifest(dataset, day)
+        manifest = manifest or self.manifest(dataset, day)
         if manifest is None:
             raise NotPublished(f"{dataset} date={parse_day(day)} is not published in {self.uri}")
         folder = posixpath.join(self.partition_path(dataset, day), f"{ATTEMPT_PREFIX}{manifest['attempt']}")
@@ -354,29 +345,107 @@ class Lake:
             self.fs.create_dir(path, recursive=True)
         return Attempt(dataset, parse_day(day), attempt_id, path, self.to_uri(path), self.to_spark_uri(path))
 
-    def publish(self, attempt: Attempt, stats: dict | None = None) -> dict:
-        """Make an attempt's Parquet files the partition's content, atomically; return the manifest."""
-        files = []
-        total = 0
-        for info in self.list_files(attempt.path):
-            name = posixpath.relpath(info.path, attempt.path)
-            if not name.endswith(".parquet") or posixpath.basename(name).startswith(("_", ".")):
-                continue
-            rows = pq.ParquetFile(info.path, filesystem=self.fs).metadata.num_rows
-            files.append({"name": name, "rows": rows, "bytes": info.size})
-            total += rows
+    def write_file(self, attempt: Attempt, name: str, data: bytes, rows: int | None = None) -> dict:
+        """Put one file into an attempt folder; return its record for :meth:`publish`."""
+        self.write_bytes(posixpath.join(attempt.path, name), data)
+        return file_record(name, data, rows)
+
+    def write_parquet(self, attempt: Attempt, table: pa.Table, name: str = "part-00000.parquet", **options) -> dict:
+        """Write an Arrow table as one Parquet file of an attempt (hashed as it is written)."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, **options)
+        return self.write_file(attempt, name, buf.getvalue(), table.num_rows)
+
+    def publish(
+        self, attempt: Attempt, stats: dict | None = None, lineage: dict | None = None, files: list[dict] | None = None
+    ) -> dict:
+        """Make an attempt's files the partition's content, atomically; return the manifest.
+
+        ``files`` are the records of what the writer wrote (:meth:`write_file`, or the
+        ``(name, rows, bytes, sha256)`` a Spark task reports); the attempt folder must hold exactly
+        those files with those sizes, or nothing is published. Without them (a writer that cannot
+        know, such as Spark's own Parquet writer) every data file in the folder is named, its rows
+        read from its footer and its bytes hashed. The manifest's ``digest`` covers the files'
+        contents and row counts, never the attempt id: an identical recompute keeps it.
+        """
+        listed = {
+            posixpath.relpath(i.path, attempt.path): i.size
+            for i in self.list_files(attempt.path)
+            if not posixpath.basename(i.path).startswith(("_", "."))
+            and not posixpath.basename(i.path).endswith(".crc")
+        }
+        if files is None:
+            files = [self._record_of(attempt, name, size) for name, size in sorted(listed.items())]
+        else:
+            written = {f["name"]: f["bytes"] for f in files}
+            if written != listed:
+                missing = sorted(set(written) - set(listed))
+                extra = sorted(set(listed) - set(written))
+                resized = sorted(n for n in set(written) & set(listed) if written[n] != listed[n])
+                raise LakeError(
+                    f"{self.to_uri(attempt.path)} does not hold what was written (missing {missing}, "
+                    f"unexpected {extra}, other size {resized}); nothing published"
+                )
+            files = sorted(files, key=lambda f: f["name"])
         previous = self.manifest(attempt.dataset, attempt.day)
         manifest = {
+            "format": MANIFEST_FORMAT,
             "dataset": attempt.dataset,
             "date": attempt.day.isoformat(),
             "attempt": attempt.attempt_id,
-            "rows": total,
+            "rows": sum(f["rows"] or 0 for f in files),
             "files": files,
+            "digest": content_digest(files),
             "stats": stats or {},
+            "lineage": lineage,
         }
         self.write_json(posixpath.join(self.partition_path(attempt.dataset, attempt.day), MANIFEST), manifest)
         self._collect_garbage(attempt, previous)
         return manifest
+
+    def _record_of(self, attempt: Attempt, name: str, size: int) -> dict:
+        path = posixpath.join(attempt.path, name)
+        data = self.read_bytes(path)
+        rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows if name.endswith(".parquet") else None
+        record = file_record(name, data, rows)
+        if record["bytes"] != size:
+            raise LakeError(f"{self.to_uri(path)} changed while it was being published")
+        return record
+
+    def digest(self, dataset: str, day: date, manifest: dict | None = None) -> str | None:
+        """The content digest of a published partition (None if unpublished).
+
+        Manifests written before digests existed get theirs computed from the files
+        (``python -m jobs.lineage migrate`` stores them).
+        """
+        manifest = manifest or self.manifest(dataset, day)
+        if manifest is None:
+            return None
+        if manifest.get("digest"):
+            return manifest["digest"]
+        return content_digest(self.file_records(dataset, day, manifest))
+
+    def file_records(self, dataset: str, day: date, manifest: dict) -> list[dict]:
+        """(name, rows, bytes, sha256) of every file a manifest names, hashing those that lack one."""
+        folder = posixpath.join(self.partition_path(dataset, day), f"{ATTEMPT_PREFIX}{manifest['attempt']}")
+        out = []
+        for f in manifest["files"]:
+            if f.get("sha256"):
+                out.append(f)
+                continue
+            data = self.read_bytes(posixpath.join(folder, f["name"]))
+            out.append(file_record(f["name"], data, f.get("rows")))
+        return out
+
+    def landing_digest(self, day: date) -> str | None:
+        """What identifies a landing day as delivered: its data files' names, sizes and modification
+        times, once ``_SUCCESS`` is there (None before). A re-delivered file changes it."""
+        if not self.landing_ready(day):
+            return None
+        listing = [
+            [i.base_name, i.size, int(i.mtime.timestamp() * 1e6) if i.mtime else None] for i in self.landing_files(day)
+        ]
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
     def _collect_garbage(self, current: Attempt, previous: dict | None) -> None:
         folder = self.partition_path(current.dataset, current.day)
@@ -395,12 +464,14 @@ class Lake:
         times = [i.mtime.timestamp() for i in self.list_files(fs_path) if i.mtime is not None]
         return max(times) if times else default
 
-    def write_table(self, dataset: str, day: date, table: pa.Table, stats: dict | None = None) -> dict:
+    def write_table(
+        self, dataset: str, day: date, table: pa.Table, stats: dict | None = None, lineage: dict | None = None,
+        **options,
+    ) -> dict:
         """Publish an Arrow table as partition D of a dataset (replacing what was there whole)."""
         attempt = self.new_attempt(dataset, day)
-        with self.fs.open_output_stream(posixpath.join(attempt.path, "part-00000.parquet")) as f:
-            pq.write_table(table, f)
-        return self.publish(attempt, stats)
+        record = self.write_parquet(attempt, table, **options)
+        return self.publish(attempt, stats, lineage, files=[record])
 
     def read_table(
         self, dataset: str, day: date, schema: pa.Schema | None = None, columns: Sequence[str] | None = None
@@ -430,6 +501,8 @@ class Lake:
                     continue
                 raise
             for p in paths:
+                if not p.endswith(".parquet"):
+                    continue
                 t = pq.read_table(
                     p, filesystem=self.fs, columns=list(columns) if columns else None, partitioning=None
                 )

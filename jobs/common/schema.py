@@ -1,4 +1,4 @@
-"""Raw, clean, quarantine, feature, score and alert schemas, and the model-input order (SPEC §3-4).
+"""Raw, clean, quarantine, feature, score and alert schemas, and the model-input order (docs/contract.md, "Raw transactions" and "Features").
 
 This module is the single definition: Spark jobs convert these Arrow schemas with
 ``jobs.spark.session.spark_schema``, the torch jobs read ``MODEL_INPUTS``, and tests import both.
@@ -11,9 +11,11 @@ import hashlib
 
 import pyarrow as pa
 
+from jobs.common.calendar import WINDOWS_DAYS
+
 TIMESTAMP = pa.timestamp("us")
 
-# --- raw landing contract (SPEC §3) -------------------------------------------------------------
+# --- raw landing contract (docs/contract.md, "Raw transactions") -------------------------------------------------------------
 RAW_SCHEMA = pa.schema(
     [
         pa.field("TRANSACTION_ID", pa.int64(), nullable=False),
@@ -68,10 +70,7 @@ class QuarantineReason:
     )
 
 
-# --- features (SPEC §4) --------------------------------------------------------------------------
-WINDOWS_DAYS: tuple[int, ...] = (1, 7, 30)
-LABEL_DELAY_DAYS = 7
-HISTORY_DAYS = 37  # features for day D read clean days D-37 .. D
+# --- features (docs/contract.md, "Features") --------------------------------------------------------------------------
 
 
 def customer_count(n: int) -> str:
@@ -122,7 +121,7 @@ def schema_fingerprint(schema: pa.Schema) -> str:
 
 FEATURE_SCHEMA_VERSION = schema_fingerprint(FEATURE_SCHEMA)
 
-# --- scoring outputs (SPEC §2) -------------------------------------------------------------------
+# --- scoring outputs (docs/contract.md, "The lake") -------------------------------------------------------------------
 SCORES_SCHEMA = pa.schema(
     [
         pa.field("TRANSACTION_ID", pa.int64(), nullable=False),

@@ -1,4 +1,4 @@
-"""Write generated days to the lake's landing area, as a source system would (SPEC §2-3)."""
+"""Write generated days to the lake's landing area, as a source system would (docs/contract.md, "The lake")."""
 
 from __future__ import annotations
 

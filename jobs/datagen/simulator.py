@@ -1,4 +1,4 @@
-"""The built-in transaction simulator (SPEC §3), written from the handbook's published rules.
+"""The built-in transaction simulator (docs/contract.md, "Raw transactions"), written from the handbook's published rules.
 
 Everything here is a pure function of its arguments and the seed, vectorised with numpy:
 

@@ -39,32 +39,29 @@ the range, so it can be rerun from the first day named).
 
 from __future__ import annotations
 
-import importlib.util
+import csv
+import io
+import json
+import posixpath
 import sys
-from pathlib import Path
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from functools import partial, reduce
 
-if importlib.util.find_spec("jobs") is None:  # run as a file (spark-submit, python jobs/spark/clean.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyspark import StorageLevel, cloudpickle
+from pyspark.sql import Column, DataFrame, Row, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
-import csv  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import posixpath  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from datetime import date  # noqa: E402
-from functools import reduce  # noqa: E402
-
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from pyspark import StorageLevel  # noqa: E402
-from pyspark.sql import Column, DataFrame, Row, SparkSession, Window  # noqa: E402
-from pyspark.sql import functions as F  # noqa: E402
-from pyspark.sql import types as T  # noqa: E402
-
-from jobs.common.lake import ATTEMPT_PREFIX, Attempt, Dataset, Lake  # noqa: E402
-from jobs.common.schema import (  # noqa: E402
+from jobs.common.calendar import epoch_day, from_epoch_day
+from jobs.common.cli import EXIT_OK, day_parser, not_done, parse_days
+from jobs.common.lake import Attempt, Dataset, Lake
+from jobs.common.provenance import input_record, lineage
+from jobs.common.schema import (
     CLEAN_SCHEMA,
     KEY,
     LABEL,
@@ -74,14 +71,17 @@ from jobs.common.schema import (  # noqa: E402
     REQUIRED_RAW_COLUMNS,
     QuarantineReason,
 )
-from jobs.spark.session import date_args, get_spark, spark_schema  # noqa: E402
+from jobs.spark import day_files
+from jobs.spark.session import get_spark, spark_schema
 
+cloudpickle.register_pickle_by_value(day_files)  # the workers write the files: no repository needed there
+
+STEP = "clean"
 SOURCE_FILE = "source_file"
 REASON = "reason"
 OUTCOME = "outcome"
 RAW = "raw"  # struct of the original string values
-DAY = "date"  # the landing day of a row; partitionBy names folders date=D/attempt=ID, the lake's layout
-ATTEMPT_COLUMN = ATTEMPT_PREFIX.rstrip("=")
+DAY = "date"  # the landing day of a row
 
 # Where each landing row ends up (the ``outcome`` column).
 CLEAN = "clean"
@@ -130,6 +130,7 @@ class LandingFile:
 class LandingDay:
     day: date
     files: tuple[LandingFile, ...]
+    source: dict  # the landing day as lineage names it (its digest: the delivered files)
 
 
 def inspect_landing(lake: Lake, day: date) -> LandingDay:
@@ -157,7 +158,7 @@ def inspect_landing(lake: Lake, day: date) -> LandingDay:
         if names:
             _match_columns(names, uri)
         files.append(LandingFile(info.path, uri, lake.to_spark_uri(info.path), fmt, names, layout))
-    return LandingDay(day, tuple(files))
+    return LandingDay(day, tuple(files), input_record(lake, Dataset.LANDING, day))
 
 
 def read_landing(spark: SparkSession, days: Sequence[LandingDay]) -> DataFrame:
@@ -407,32 +408,32 @@ def batch_stats(resolved: DataFrame, days: Sequence[LandingDay]) -> dict[date, d
 # --- writing and publishing ------------------------------------------------------------------------
 def write_partitions(
     lake: Lake, frame: DataFrame, attempts: dict[date, Attempt], order: Sequence[str], schema: pa.Schema
-) -> None:
+) -> dict[date, list[dict]]:
     """Write every day of ``frame`` into its own attempt folder in one Spark job (one file a day).
 
-    Rows are hash-partitioned by day and sorted within partitions; ``partitionBy(date, attempt)``
-    puts each day's file in the attempt folder the lake made for it (``date=D/attempt=ID``), and
-    dynamic partition overwrite replaces just those folders. A day without rows gets an empty file
-    with the schema, as a one-day Spark write of no rows gives. Nothing is visible until published.
+    Rows are hash-partitioned by day and sorted within partitions by day, then ``order``; each task
+    writes its days' files itself (``jobs.spark.day_files``, pyarrow through the lake's file
+    system: no rename, so the same on S3). A day without rows gets an empty file with the schema.
+    Returns each day's file records for ``Lake.publish``; nothing is visible until then.
     """
-    dataset = next(iter(attempts.values())).dataset
-    for day, attempt in attempts.items():
-        expected = lake.path(dataset, f"{DAY}={day.isoformat()}", f"{ATTEMPT_COLUMN}={attempt.attempt_id}")
-        if attempt.path != expected:
-            raise RuntimeError("the lake's partition layout is not date=D/attempt=ID any more")
-    attempt_of_day = F.create_map(*[F.lit(x) for day, a in attempts.items() for x in (day, a.attempt_id)])
-    (
-        _one_partition_a_day(frame.withColumn(ATTEMPT_COLUMN, attempt_of_day[F.col(DAY)]), len(attempts))
-        .sortWithinPartitions(DAY, ATTEMPT_COLUMN, *order)
-        .write.mode("overwrite")
-        .option("partitionOverwriteMode", "dynamic")
-        .partitionBy(DAY, ATTEMPT_COLUMN)
-        .parquet(lake.to_spark_uri(lake.path(dataset)))
+    folders = {epoch_day(day): attempt.path for day, attempt in attempts.items()}
+    writer = partial(day_files.write_grouped_days, schema=schema, day_column=DAY, folders=folders,
+                     filesystem=lake.fs)
+    records = (
+        _one_partition_a_day(frame, len(attempts))
+        .sortWithinPartitions(DAY, *order)
+        .mapInArrow(writer, spark_schema(day_files.RECORD_SCHEMA))
+        .collect()
     )
-    for attempt in attempts.values():
-        if not any(i.base_name.endswith(".parquet") for i in lake.list_files(attempt.path)):
-            with lake.fs.open_output_stream(posixpath.join(attempt.path, "part-00000.parquet")) as f:
-                pq.write_table(schema.empty_table(), f)
+    written: dict[date, list[dict]] = {day: [] for day in attempts}
+    for record in records:
+        day = from_epoch_day(record["day"])
+        written[day].append({"name": posixpath.basename(record["path"]), "rows": record["rows"],
+                             "bytes": record["bytes"], "sha256": record["sha256"]})
+    for day, attempt in attempts.items():
+        if not written[day]:
+            written[day] = [lake.write_parquet(attempt, schema.empty_table())]
+    return written
 
 
 def _one_partition_a_day(frame: DataFrame, days: int) -> DataFrame:
@@ -462,10 +463,12 @@ def clean_batch(spark: SparkSession, lake: Lake, days: Sequence[LandingDay]) -> 
             raise CleanError(f"cleaning landing of {_days(days)} failed: {_first_line(exc)}") from exc
         for dataset in (Dataset.QUARANTINE, Dataset.CLEAN):
             attempts[dataset] = {landing.day: lake.new_attempt(dataset, landing.day) for landing in days}
-        write_partitions(
-            lake, quarantine_rows(resolved), attempts[Dataset.QUARANTINE], QUARANTINE_ORDER, QUARANTINE_SCHEMA
-        )
-        write_partitions(lake, clean_rows(resolved), attempts[Dataset.CLEAN], CLEAN_ORDER, CLEAN_SCHEMA)
+        files = {
+            Dataset.QUARANTINE: write_partitions(lake, quarantine_rows(resolved), attempts[Dataset.QUARANTINE],
+                                                 QUARANTINE_ORDER, QUARANTINE_SCHEMA),
+            Dataset.CLEAN: write_partitions(lake, clean_rows(resolved), attempts[Dataset.CLEAN], CLEAN_ORDER,
+                                            CLEAN_SCHEMA),
+        }
     except Exception:
         for by_day in attempts.values():
             for attempt in by_day.values():
@@ -478,8 +481,9 @@ def clean_batch(spark: SparkSession, lake: Lake, days: Sequence[LandingDay]) -> 
         day = landing.day
         try:
             # quarantine first: a published clean day implies its quarantine
-            lake.publish(attempts[Dataset.QUARANTINE][day], stats=stats[day])
-            lake.publish(attempts[Dataset.CLEAN][day], stats=stats[day])
+            provenance = lineage(STEP, [landing.source])
+            for dataset in (Dataset.QUARANTINE, Dataset.CLEAN):
+                lake.publish(attempts[dataset][day], stats=stats[day], lineage=provenance, files=files[dataset][day])
             record = {"date": day.isoformat(), "seconds": seconds, "batch": _days(days), "stats": stats[day]}
             lake.write_run_record("clean", day, attempts[Dataset.CLEAN][day].attempt_id, record)
         except Exception as exc:  # noqa: BLE001 - the caller names the days not done
@@ -518,12 +522,9 @@ def clean_days(spark: SparkSession, lake: Lake, days: Sequence[date]) -> int:
         if error is not None:
             failure = (ready[done].day, error)
     if failure is None:
-        return 0
+        return EXIT_OK
     day, exc = failure
-    not_done = ", ".join(d.isoformat() for d in days if d >= day)
-    print(f"clean: failed on {day}: {exc}", file=sys.stderr)
-    print(f"clean: days not done: {not_done}", file=sys.stderr)
-    return 1
+    return not_done(STEP, [d for d in days if d >= day], exc, failed_on=day)
 
 
 def _clean_batch_or_each(
@@ -548,21 +549,15 @@ def _clean_batch_or_each(
     return len(days), None
 
 
-def clean_day(spark: SparkSession, lake: Lake, day: date) -> dict:
-    """Clean landing day D and publish quarantine, then clean; return the stats (raises on failure)."""
-    done, error = clean_batch(spark, lake, [inspect_landing(lake, day)])
-    if error is not None:
-        raise error
-    return lake.manifest(Dataset.CLEAN, day)["stats"]
-
-
 def _days(days: Sequence[LandingDay]) -> str:
     first, last = days[0].day, days[-1].day
     return first.isoformat() if first == last else f"{first}..{last}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = date_args("Clean landing transactions into the clean and quarantine partitions.", argv)
+    parser = day_parser("spark-submit jobs/spark/clean.py",
+                        "Clean landing transactions into the clean and quarantine partitions.")
+    args = parse_days(parser, argv)
     lake = Lake.from_uri(args.lake)
     spark = get_spark("fraud-clean")
     return clean_days(spark, lake, args.days)

@@ -1,4 +1,4 @@
-"""Behavioural features of SPEC §4 for day D (or a range), from the clean days D-37 .. D.
+"""Behavioural features (docs/contract.md, "Features") of day D (or a range), from the clean days D-37 .. D.
 
     spark-submit jobs/spark/features.py --lake URI --date D          # or --start D1 --end D2
 
@@ -25,14 +25,9 @@ from __future__ import annotations
 
 import posixpath
 import sys
-from pathlib import Path
-
-if str(Path(__file__).resolve().parents[2]) not in sys.path:  # spark-submit runs this as a file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import date
 from functools import partial
 
 import pyarrow.fs as pafs
@@ -42,15 +37,25 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from jobs.common.config import settings
-from jobs.common.lake import Attempt, Dataset, Lake, NotPublished, parse_day
+from jobs.common import contracts
+from jobs.common.calendar import (
+    Calendar,
+    calendar,
+    epoch_day,
+    format_days,
+    from_epoch_day,
+    micros_at_midnight,
+    parse_day,
+    shift,
+)
+from jobs.common.cli import EXIT_OK, EXIT_WAITING, day_parser, not_done, parse_days
+from jobs.common.lake import Attempt, Dataset, Lake, NotPublished
+from jobs.common.provenance import InputRecorder, lineage
 from jobs.common.schema import (
     CLEAN_SCHEMA,
     FEATURE_SCHEMA,
-    HISTORY_DAYS,
     ID_COLUMNS,
     LABEL,
-    LABEL_DELAY_DAYS,
     WINDOWS_DAYS,
     customer_avg_amount,
     customer_count,
@@ -58,10 +63,10 @@ from jobs.common.schema import (
     terminal_risk,
 )
 from jobs.spark import day_files, windows
-from jobs.spark.session import date_args, get_spark, spark_schema
+from jobs.spark.session import get_spark, spark_schema
 
 # The window kernels and the day writer travel to the Python workers inside the pickled function, so workers need
-# only numpy and pyarrow, not this repository on their path (spark-submit ships just this file).
+# only numpy and pyarrow, not this repository on their path.
 cloudpickle.register_pickle_by_value(windows)
 cloudpickle.register_pickle_by_value(day_files)
 
@@ -78,46 +83,32 @@ class MissingInputs(RuntimeError):
 @dataclass(frozen=True)
 class Inputs:
     days: list[date]  # the days to compute
-    files: list[str]  # Spark URIs of every published clean file of days[0]-37 .. days[-1]
+    files: list[str]  # Spark URIs of every published clean file the days read
+    lineage: dict[date, dict]  # per day: what its partition records (inputs, parameters, code version)
 
 
-def history_days(days: Sequence[date]) -> list[date]:
-    first = min(days) - timedelta(days=HISTORY_DAYS)
-    return [first + timedelta(days=i) for i in range((max(days) - first).days + 1)]
-
-
-def find_inputs(lake: Lake, days: Sequence[date], first_date: date) -> Inputs:
-    """The clean files for ``days`` and their history; raise :class:`MissingInputs` naming gaps.
-
-    A day before ``first_date`` that is not published is simply absent (the pipeline did not
-    exist yet); any other unpublished day - and every day being computed - must be there.
-    """
-    wanted = set(days)
+def find_inputs(lake: Lake, days: Sequence[date], cal: Calendar) -> Inputs:
+    """The clean files for ``days`` and their history (the step contract); raise :class:`MissingInputs`
+    naming gaps. Days before the first date are simply absent (the pipeline did not exist yet); every
+    later one, and every day being computed, must be published."""
+    recorder = InputRecorder(lake)
+    span = sorted({d for day in days for d in contracts.read_days(STEP, Dataset.CLEAN, day, cal)})
     files: list[str] = []
     missing: list[date] = []
-    for day in history_days(days):
+    for day in span:
         try:
             files += [lake.to_spark_uri(p) for p in lake.partition_files(Dataset.CLEAN, day)]
         except NotPublished:
-            if day >= first_date or day in wanted:
+            if day >= cal.first_date or day in days:
                 missing.append(day)
     if missing:
         raise MissingInputs(
             f"clean partitions not published in {lake.uri}: {format_days(missing)} "
-            f"(needed for features of {format_days(days)}; first date {first_date})"
+            f"(needed for features of {format_days(days)}; first date {cal.first_date})"
         )
-    return Inputs(sorted(days), files)
-
-
-def format_days(days: Sequence[date]) -> str:
-    """``2018-04-01..2018-04-03, 2018-04-07``: consecutive days collapsed into ranges."""
-    runs: list[list[date]] = []
-    for day in sorted(days):
-        if runs and day - runs[-1][-1] == timedelta(days=1):
-            runs[-1].append(day)
-        else:
-            runs.append([day])
-    return ", ".join(r[0].isoformat() if len(r) == 1 else f"{r[0]}..{r[-1]}" for r in runs)
+    parameters = {"windows_days": list(WINDOWS_DAYS), "label_delay_days": cal.label_delay_days}
+    per_day = {day: lineage(STEP, recorder.step_inputs(STEP, day, cal), parameters) for day in days}
+    return Inputs(sorted(days), files, per_day)
 
 
 def read_clean(spark: SparkSession, files: Sequence[str]) -> DataFrame:
@@ -130,14 +121,6 @@ def read_clean(spark: SparkSession, files: Sequence[str]) -> DataFrame:
 # --- the transform -----------------------------------------------------------------------------
 
 _WORKING_COLUMNS = ("TRANSACTION_ID", "TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID", "TX_AMOUNT", LABEL)
-
-
-def _micros_since_epoch(day: date) -> int:
-    return (datetime(day.year, day.month, day.day) - datetime(1970, 1, 1)) // timedelta(microseconds=1)
-
-
-def _epoch_day(day: date) -> int:
-    return (day - date(1970, 1, 1)).days
 
 
 @dataclass(frozen=True)
@@ -156,6 +139,7 @@ def compute_features(
     partitions: int | None = None,
     terminal_partitions: int | None = None,
     write_to: DayFolders | None = None,
+    delay_days: int | None = None,
 ) -> DataFrame:
     """Clean rows of days start-37 .. end -> one feature row per clean row of days start .. end.
 
@@ -195,15 +179,15 @@ def compute_features(
         time="TX_DATETIME",
         label=LABEL,
         windows=tuple(windows_days),
-        delay_days=LABEL_DELAY_DAYS,
+        delay_days=calendar().label_delay_days if delay_days is None else delay_days,
         names=terminal_names,
-        keep_from_us=_micros_since_epoch(start),
-        keep_until_us=_micros_since_epoch(end + timedelta(days=1)),
+        keep_from_us=micros_at_midnight(start),
+        keep_until_us=micros_at_midnight(shift(end, 1)),
     )
     by_terminal = with_customer.repartition(terminal_partitions, "TERMINAL_ID")
     if write_to is not None:
         if tuple(windows_days) != tuple(WINDOWS_DAYS):
-            raise ValueError("only the SPEC windows are written")
+            raise ValueError("only the contract's windows are written")
         writer = partial(
             day_files.compute_then_write,
             compute=terminal_pass,
@@ -237,12 +221,12 @@ def _extend(schema: T.StructType, names: dict[int, tuple[str, str]]) -> T.Struct
 
 
 def write_days(
-    lake: Lake, clean: DataFrame, days: Sequence[date]
-) -> tuple[dict[date, Attempt], dict[date, int]]:
+    lake: Lake, clean: DataFrame, days: Sequence[date], delay_days: int
+) -> tuple[dict[date, Attempt], dict[date, list[dict]]]:
     """Compute and write every day into its own fresh attempt folder in one Spark job.
 
-    Returns the attempts and the rows written per day. The terminal pass writes its rows itself
-    (``jobs.spark.day_files``): per task and day one file sorted by ``TX_DATETIME,
+    Returns the attempts and, per day, the records of the files written. The terminal pass writes
+    its rows itself (``jobs.spark.day_files``): per task and day one file sorted by ``TX_DATETIME,
     TRANSACTION_ID``, named after the task's partition. Which partition a row is in depends only
     on the hash of its ``TERMINAL_ID`` and the partition count (:func:`write_tasks`, 2 in
     local[2]), so a range run and day-by-day runs (same settings) write the same rows in the same
@@ -251,14 +235,15 @@ def write_days(
     :func:`publish_in_order`.
     """
     attempts = {day: lake.new_attempt(Dataset.FEATURES, day) for day in days}
-    target = DayFolders(lake.fs, {_epoch_day(day): a.path for day, a in attempts.items()})
-    records = compute_features(clean, days[0], days[-1], write_to=target).collect()
-    written = {day: 0 for day in days}
+    target = DayFolders(lake.fs, {epoch_day(day): a.path for day, a in attempts.items()})
+    records = compute_features(clean, days[0], days[-1], write_to=target, delay_days=delay_days).collect()
+    written: dict[date, list[dict]] = {day: [] for day in days}
     for record in records:
-        day = date(1970, 1, 1) + timedelta(days=record["day"])
+        day = from_epoch_day(record["day"])
         if posixpath.dirname(record["path"]) != attempts[day].path:
             raise RuntimeError(f"a task wrote {record['path']} outside the attempt folder of {day}")
-        written[day] += record["rows"]
+        written[day].append({"name": posixpath.basename(record["path"]), "rows": record["rows"],
+                             "bytes": record["bytes"], "sha256": record["sha256"]})
     return attempts, written
 
 
@@ -268,79 +253,61 @@ def write_tasks(spark: SparkSession) -> int:
     return max(1, min(partitions, spark.sparkContext.defaultParallelism))
 
 
-def publish_in_order(lake: Lake, attempts: dict[date, Attempt], written: dict[date, int]) -> int:
+def publish_in_order(lake: Lake, attempts: dict[date, Attempt], written: dict[date, list[dict]],
+                     provenance: dict[date, dict]) -> int:
     """Publish the written days in date order; 0, or 1 naming the days not done.
 
-    A day without transactions gets an empty file with the schema (no task had rows for it). The
-    rows in a day's folder must be those the tasks reported writing.
+    A day without transactions gets an empty file with the schema (no task had rows for it). A day's
+    folder must hold exactly the files the tasks reported writing, with FEATURE_SCHEMA.
     """
     days = sorted(attempts)
     for i, day in enumerate(days):
         try:
-            rows = check_files(lake, attempts[day].path)
-            if (rows or 0) != written[day]:
-                raise RuntimeError(
-                    f"{attempts[day].path} holds {rows or 0} rows, the tasks wrote {written[day]}"
-                )
-            if rows is None:
-                lake.write_table(Dataset.FEATURES, day, FEATURE_SCHEMA.empty_table(), stats={"rows": 0})
-                lake.delete_dir(attempts[day].path)
-            else:
-                lake.publish(attempts[day], stats={"rows": rows})
+            files = written[day]
+            check_schema(lake, attempts[day].path, files)
+            if not files:
+                files = [lake.write_parquet(attempts[day], FEATURE_SCHEMA.empty_table())]
+            rows = sum(f["rows"] for f in files)
+            lake.publish(attempts[day], stats={"rows": rows}, lineage=provenance[day], files=files)
         except Exception as exc:  # noqa: BLE001 - reported with the days not done
-            print(f"{STEP}: failed on {day}: {exc}", file=sys.stderr)
-            print(f"{STEP}: days not done: {format_days(days[i:])}", file=sys.stderr)
-            return 1
-    return 0
+            return not_done(STEP, days[i:], exc, failed_on=day)
+    return EXIT_OK
 
 
-def check_files(lake: Lake, folder: str) -> int | None:
-    """Rows in the folder's Parquet files (None if there are none); refuse a schema other than FEATURE_SCHEMA."""
+def check_schema(lake: Lake, folder: str, files: list[dict]) -> None:
+    """Refuse files whose schema is not FEATURE_SCHEMA."""
     expected = [(f.name, f.type) for f in FEATURE_SCHEMA]
-    parts = [i for i in lake.list_files(folder) if i.base_name.endswith(".parquet")]
-    if not parts:
-        return None
-    rows = 0
-    for info in parts:
-        metadata = pq.ParquetFile(info.path, filesystem=lake.fs)
-        got = [(f.name, f.type) for f in metadata.schema_arrow]
+    for f in files:
+        path = posixpath.join(folder, f["name"])
+        got = [(c.name, c.type) for c in pq.ParquetFile(path, filesystem=lake.fs).schema_arrow]
         if got != expected:
-            raise RuntimeError(f"{info.path}: schema {got} differs from FEATURE_SCHEMA {expected}")
-        rows += metadata.metadata.num_rows
-    return rows
+            raise RuntimeError(f"{path}: schema {got} differs from FEATURE_SCHEMA {expected}")
 
 
-def run(spark: SparkSession, lake: Lake, inputs: Inputs) -> int:
+def run(spark: SparkSession, lake: Lake, inputs: Inputs, cal: Calendar) -> int:
     """Compute and publish ``inputs.days`` (in date order); 0 on success, 1 naming the days not done."""
     days = inputs.days
     try:
-        attempts, written = write_days(lake, read_clean(spark, inputs.files), days)
+        attempts, written = write_days(lake, read_clean(spark, inputs.files), days, cal.label_delay_days)
     except Exception as exc:  # noqa: BLE001 - reported with the days not done
-        print(f"{STEP}: failed: {exc}", file=sys.stderr)
-        print(f"{STEP}: days not done: {format_days(days)}", file=sys.stderr)
-        return 1
-    return publish_in_order(lake, attempts, written)
+        return not_done(STEP, days, exc)
+    return publish_in_order(lake, attempts, written, inputs.lineage)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = date_args(
-        "Compute the SPEC §4 features of day D (or a range) from the clean days D-37 .. D.",
-        argv,
-        extra=lambda p: p.add_argument(
-            "--first-date",
-            type=parse_day,
-            default=None,
-            help="the pipeline's first date: older history may be absent (default FRAUD_FIRST_DATE)",
-        ),
-    )
-    lake = Lake.from_uri(args.lake)
+    parser = day_parser("spark-submit jobs/spark/features.py",
+                        "Compute the features of day D (or a range) from the clean days the step contract names.")
+    parser.add_argument("--first-date", type=parse_day, default=None,
+                        help="the pipeline's first date: older history may be absent (default FRAUD_FIRST_DATE)")
+    args = parse_days(parser, argv)
+    lake, cal = Lake.from_uri(args.lake), calendar()
+    if args.first_date:
+        cal = replace(cal, first_date=args.first_date)
     try:  # before starting Spark: a run that must wait for its inputs fails fast
-        inputs = find_inputs(lake, args.days, args.first_date or settings().first_date)
+        inputs = find_inputs(lake, args.days, cal)
     except MissingInputs as exc:
-        print(f"{STEP}: {exc}", file=sys.stderr)
-        print(f"{STEP}: days not done: {format_days(args.days)}; nothing written", file=sys.stderr)
-        return 1
-    return run(get_spark(f"{STEP} {format_days(args.days)}"), lake, inputs)
+        return not_done(STEP, args.days, f"{exc}; nothing written", code=EXIT_WAITING)
+    return run(get_spark(f"{STEP} {format_days(args.days)}"), lake, inputs, cal)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,14 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-US_PER_DAY = 86_400_000_000
+from jobs.common.calendar import MICROS_PER_DAY
+
 _INT64_HEADROOM = 2**62  # search codes stay below this
 
 
 def window_us(days: int) -> int:
     """w(n) = n x 86,400 s, in microseconds."""
-    return days * US_PER_DAY
+    return days * MICROS_PER_DAY
 
 
 class SortedKeys:

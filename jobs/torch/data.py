@@ -9,20 +9,18 @@ history respects the label delay exactly as the features do.
 
 from __future__ import annotations
 
-import hashlib
-import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from datetime import date, timedelta
+from datetime import date
 
 import numpy as np
 import pyarrow as pa
 
-from jobs.common.lake import MANIFEST, Dataset, Lake, NotPublished
-from jobs.common.schema import FEATURE_SCHEMA, LABEL, LABEL_DELAY_DAYS, MODEL_INPUTS, customer_avg_amount
+from jobs.common.calendar import MICROS_PER_DAY, Calendar
+from jobs.common.lake import Dataset, Lake
+from jobs.common.schema import FEATURE_SCHEMA, LABEL, MODEL_INPUTS, customer_avg_amount
 
 ID_READ = ("TRANSACTION_ID", "CUSTOMER_ID", "TERMINAL_ID", "TX_DATETIME")
-MICROS_PER_DAY = 86_400 * 1_000_000
 
 
 @dataclass
@@ -81,19 +79,6 @@ def read_features(lake: Lake, days: Sequence[date], missing_ok: bool = False) ->
     return frame_from_table(read_feature_table(lake, days, missing_ok=missing_ok))
 
 
-def partition_hashes(lake: Lake, dataset: str, days: Sequence[date]) -> list[dict]:
-    """Lineage of inputs: per day, the sha256 of its published manifest (names the exact files)."""
-    out = []
-    for day in days:
-        path = posixpath.join(lake.partition_path(dataset, day), MANIFEST)
-        if not lake.exists(path):
-            raise NotPublished(f"{dataset} date={day} is not published in {lake.uri}")
-        data = lake.read_bytes(path)
-        out.append({"dataset": dataset, "date": day.isoformat(), "manifest_sha256": hashlib.sha256(data).hexdigest(),
-                    "rows": lake.read_json(path).get("rows")})
-    return out
-
-
 # --- card and terminal history for the sequence model ---------------------------------------------
 TERMINAL_STEP = 5  # per matured terminal row: label, log amount / 5, log ratio to its card's 30-day average,
 #                    log1p(age in days) / 3, present (the scalings keep every input near [0, 1])
@@ -121,8 +106,7 @@ class CardHistory:
 
 
 def history_days(days: Sequence[date], lookback_days: int) -> list[date]:
-    first = min(days)
-    return [first - timedelta(days=i) for i in range(lookback_days, 0, -1)]
+    return Calendar.span(min(days), lookback_days, 1)
 
 
 @dataclass
@@ -233,7 +217,7 @@ class TerminalRows:
 def build_terminal_history(target: FeatureFrame, pool: TerminalRows, k: int, delay_days: int) -> np.ndarray:
     """Per target row, its terminal's last ``k`` pool rows with time <= t - delay, oldest first.
 
-    The bound is the terminal risk windows' near end (SPEC §4), so a label is used only once it
+    The bound is the terminal risk windows' near end (docs/contract.md, "Features"), so a label is used only once it
     has matured. Within a terminal, rows are ordered by time then transaction id. Returns
     [n, k, TERMINAL_STEP] float32 (see :class:`CardHistory`).
     """
@@ -265,7 +249,7 @@ def build_terminal_history(target: FeatureFrame, pool: TerminalRows, k: int, del
 
 def read_with_history(
     lake: Lake, days: Sequence[date], k: int, lookback_days: int, first_date: date,
-    terminal_len: int = 0, terminal_lookback_days: int = 0,
+    terminal_len: int = 0, terminal_lookback_days: int = 0, delay_days: int = 0,
 ) -> tuple[FeatureFrame, CardHistory]:
     """Target days' features and each row's card history from up to ``lookback_days`` before
     (and, with ``terminal_len``, its terminal's matured history from up to ``terminal_lookback_days``).
@@ -284,7 +268,7 @@ def read_with_history(
         if older:
             table = lake.read_days(Dataset.FEATURES, older, schema=FEATURE_SCHEMA, columns=list(TerminalRows.COLUMNS))
             parts.insert(0, TerminalRows.of_table(table))
-        out.terminal = build_terminal_history(target, TerminalRows.concat(parts), terminal_len, LABEL_DELAY_DAYS)
+        out.terminal = build_terminal_history(target, TerminalRows.concat(parts), terminal_len, delay_days)
     return target, out
 
 
@@ -298,4 +282,4 @@ def read_for_model(lake: Lake, days: Sequence[date], cfg, first_date: date) -> t
     if cfg.kind != "seq":
         return read_features(lake, days), None
     return read_with_history(lake, days, cfg.seq_len, cfg.lookback_days, first_date,
-                             cfg.terminal_len, cfg.terminal_lookback_days)
+                             cfg.terminal_len, cfg.terminal_lookback_days, cfg.label_delay_days)

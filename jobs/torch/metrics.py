@@ -1,4 +1,4 @@
-"""Evaluation metrics and the test-set rule of SPEC §5 (numpy and scikit-learn only, no torch).
+"""Evaluation metrics and the test-set rule of docs/contract.md ("Training, evaluation and promotion") (numpy and scikit-learn only, no torch).
 
 All functions take flat arrays, one entry per transaction: ``day`` (any sortable day key, e.g.
 ``datetime64[D]`` or int day numbers), ``card`` (CUSTOMER_ID), ``label`` (0/1; missing labels must
@@ -6,8 +6,6 @@ already be 0) and ``score``.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -43,7 +41,7 @@ def _cards_by_max_score(card: np.ndarray, label: np.ndarray, score: np.ndarray):
 def card_precision_at_k(
     day: np.ndarray, card: np.ndarray, label: np.ndarray, score: np.ndarray, k: int = 100
 ) -> tuple[float, list[float]]:
-    """Card Precision@k (SPEC §5): mean over test days, and the per-day values in day order.
+    """Card Precision@k (docs/contract.md, "Training, evaluation and promotion"): mean over test days, and the per-day values in day order.
 
     Per day, in day order: drop the cards detected on an earlier day (fraud cards that were in
     that day's top k), score each remaining card by its maximum transaction score, take the k top
@@ -73,7 +71,7 @@ def keep_unblocked(
     train_start,
     delay_days: int = 8,
 ) -> np.ndarray:
-    """The test-set rule (SPEC §5): which test transactions to keep.
+    """The test-set rule (docs/contract.md, "Training, evaluation and promotion"): which test transactions to keep.
 
     ``day``/``card`` describe the test transactions; ``known_*`` the labelled transactions the
     rule may look at (any superset of training start .. last test day - 8). A test transaction
@@ -112,8 +110,3 @@ def evaluate(
         "n_transactions": int(label.size),
         "n_fraud": int(label.sum()),
     }
-
-
-def mean_metrics(folds: Sequence[dict], names: Sequence[str]) -> dict[str, float]:
-    """Average of named scalar metrics over folds."""
-    return {name: float(np.mean([f[name] for f in folds])) for name in names}

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from jobs.common.schedule import CARD_HISTORY_DAYS, TERMINAL_HISTORY_DAYS
 from jobs.common.schema import MODEL_INPUTS, customer_avg_amount, customer_count, terminal_count
 from jobs.torch.data import TERMINAL_STEP
 
@@ -57,9 +56,12 @@ class ModelConfig:
     dropout: float = 0.2
     seq_len: int = 5  # seq: previous transactions of the card
     seq_hidden: int = 32
-    lookback_days: int = CARD_HISTORY_DAYS  # seq: feature days before the first target day searched for history
+    # The day counts below are filled from the calendar by the trainer (jobs.torch.train) and stored
+    # with the model, so a model scores with the history it was trained with.
+    lookback_days: int = 0  # seq: feature days before the first target day searched for history
     terminal_len: int = 0  # seq: matured transactions of the terminal seen (0: none, as models before it had)
-    terminal_lookback_days: int = TERMINAL_HISTORY_DAYS  # seq: feature days searched for them
+    terminal_lookback_days: int = 0  # seq: feature days searched for them
+    label_delay_days: int = 0  # seq: the terminal rows seen are at least this old (their labels matured)
 
     def to_dict(self) -> dict:
         return asdict(self)

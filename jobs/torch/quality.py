@@ -1,6 +1,6 @@
 """``python -m jobs.torch.quality --lake URI``: the reference protocol on reference-scale data.
 
-SPEC §5: four weekly folds whose training starts are 2018-07-25, 08-01, 08-08 and 08-15; each
+The reference protocol (docs/contract.md): four weekly folds whose training starts are 2018-07-25, 08-01, 08-08 and 08-15; each
 trains on the week from its start (the 7-day reference window) or on the product's window ending
 on the same day, skips 7 days (the label delay) and tests on the next 7 with the test-set rule
 (known frauds counted from the fold's start, so both configurations face the same test rows).
@@ -35,26 +35,31 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from jobs.common.calendar import MICROS_PER_DAY, Calendar, calendar, day_range
 from jobs.common.config import REPO_ROOT, settings
-from jobs.common.lake import Dataset, Lake, day_range
+from jobs.common.lake import Dataset, Lake
 from jobs.common.schema import CLEAN_SCHEMA
+from jobs.datagen.simulator import SCENARIO2_DAYS
+from jobs.torch.checkpoint import Loaded
 from jobs.torch.data import (
-    MICROS_PER_DAY,
     FeatureFrame,
     model_history_days,
     order_by_key_time,
     read_features,
     read_for_model,
 )
+from jobs.torch.evaluate import evaluate_scores
+from jobs.torch.fit import train_model
 from jobs.torch.model import scorer_for
-from jobs.torch.score import Loaded, predict
-from jobs.torch.train import TrainConfig, evaluate_scores, train_model
+from jobs.torch.predict import predict
+from jobs.torch.train import TrainConfig
 
-TEST_STARTS = [date(2018, 7, 25) + timedelta(days=7 * i) for i in range(4)]
-VALIDATION_STARTS = [date(2018, 6, 27) + timedelta(days=7 * i) for i in range(4)]
 DATA_START = date(2018, 4, 1)
+CAL = Calendar(DATA_START)  # the reference protocol's calendar: 7-day label delay and test weeks
+TEST_STARTS = CAL.weekly(date(2018, 7, 25), 4)
+VALIDATION_STARTS = CAL.weekly(date(2018, 6, 27), 4)
 NAMES = ("auc_roc", "average_precision", "card_precision@100")
-REFERENCE = [  # SPEC §5 (ref), test AUC / AP / CP@100
+REFERENCE = [  # docs/contract.md (ref), test AUC / AP / CP@100
     ("logistic regression (ref)", 0.868, 0.623, 0.297),
     ("random forest (ref)", 0.870, 0.678, 0.299),
     ("XGBoost (ref)", 0.869, 0.687, 0.303),
@@ -65,10 +70,7 @@ REFERENCE = [  # SPEC §5 (ref), test AUC / AP / CP@100
 
 def fold_days(start: date, window_days: int) -> tuple[list[date], list[date]]:
     """Training window ending start+6 (the reference's training week's last day), test start+14..+20."""
-    end = start + timedelta(days=6)
-    return [end - timedelta(days=i) for i in range(window_days - 1, -1, -1)], [
-        start + timedelta(days=14 + i) for i in range(7)
-    ]
+    return CAL.reference_fold(start, window_days)
 
 
 def run_fold(lake: Lake, cfg: TrainConfig, start: date, first_date: date, k: int = 100,
@@ -81,7 +83,7 @@ def run_fold(lake: Lake, cfg: TrainConfig, start: date, first_date: date, k: int
     loaded = Loaded("quality", mcfg, scorer_for(mcfg, trained.transform, trained.model).eval())
     frame, history = read_for_model(lake, test, mcfg, first_date)
     scores = predict(loaded, frame, history)
-    out = evaluate_scores(lake, frame, scores, test, start, k)
+    out = evaluate_scores(lake, frame, scores, test, start, CAL, k)
     out.update(train_rows=len(trained.frame), train_seconds=round(seconds, 1))
     if keep_scores:
         out["scores"] = scores
@@ -98,9 +100,9 @@ def with_evidence(lake: Lake, start: date) -> tuple[FeatureFrame, np.ndarray]:
     its transactions. This uses the simulator's ground truth (``TX_FRAUD_SCENARIO``), which no model
     ever sees.
     """
-    _, test = fold_days(start, 7)
+    _, test = fold_days(start, CAL.reference_window_days)
     frame = read_features(lake, test)
-    history = day_range(max(DATA_START, min(test) - timedelta(days=28)), max(test))
+    history = day_range(max(DATA_START, min(test) - timedelta(days=SCENARIO2_DAYS)), max(test))
     clean = lake.read_days(Dataset.CLEAN, history, schema=CLEAN_SCHEMA,
                            columns=["TRANSACTION_ID", "TX_DATETIME", "TERMINAL_ID", "TX_FRAUD_SCENARIO"])
     ids = clean.column("TRANSACTION_ID").to_numpy()
@@ -112,8 +114,8 @@ def with_evidence(lake: Lake, start: date) -> tuple[FeatureFrame, np.ndarray]:
     # scenario 2 frauds per terminal, as of t - 7 days minus as of just before t - 28 days
     s2 = np.flatnonzero(scenario == 2)
     frauds = order_by_key_time(terminal[s2].astype(np.int64), when[s2], ids[s2])
-    matured_compromise = (frauds.rows_at_or_before(frame.terminal, frame.time_us - 7 * MICROS_PER_DAY)
-                          - frauds.rows_at_or_before(frame.terminal, frame.time_us - 28 * MICROS_PER_DAY - 1)) > 0
+    matured_compromise = (frauds.rows_at_or_before(frame.terminal, frame.time_us - CAL.label_delay_us)
+                          - frauds.rows_at_or_before(frame.terminal, frame.time_us - SCENARIO2_DAYS * MICROS_PER_DAY - 1)) > 0
     fraud_scenario = scenario[at]
     evidence = (frame.label == 1) & ((fraud_scenario == 1) | (fraud_scenario == 3)
                                      | ((fraud_scenario == 2) & matured_compromise))
@@ -125,8 +127,8 @@ def bound_fold(lake: Lake, start: date, scores: np.ndarray, k: int = 100) -> dic
     (:func:`with_evidence`) ranked above everything else. No model can find more fraud cards from
     the information the pipeline has; what remains is the frauds nothing reveals yet."""
     frame, evidence = with_evidence(lake, start)
-    _, test = fold_days(start, 7)
-    return evaluate_scores(lake, frame, scores + evidence, test, start, k)
+    _, test = fold_days(start, CAL.reference_window_days)
+    return evaluate_scores(lake, frame, scores + evidence, test, start, CAL, k)
 
 
 def ensure_features(lake: Lake, days: list[date], generate: bool) -> None:
@@ -145,7 +147,7 @@ def ensure_features(lake: Lake, days: list[date], generate: bool) -> None:
                              f"{script.relative_to(REPO_ROOT)} does not exist to compute them; publish the features "
                              f"first (spark-submit jobs/spark/features.py --lake URI --start D1 --end D2)")
     first_missing = min(missing)
-    history_start = max(DATA_START, first_missing - timedelta(days=37))
+    history_start = max(DATA_START, first_missing - timedelta(days=calendar().feature_history_days))
     clean_days = [d for d in day_range(history_start, max(missing)) if not lake.is_published(Dataset.CLEAN, d)]
     if clean_days:
         _run([spark_submit, str(REPO_ROOT / "jobs/spark/clean.py"), "--lake", lake.uri,
@@ -192,14 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     product = TrainConfig.from_argv(["--date", "2018-01-01", *train_argv])
     torch.set_num_threads(product.threads)
     configs = {f"product default ({product.model}, {product.window_days}-day window)": product}
-    if product.window_days != 7:
-        configs[f"reference window ({product.model}, 7 days)"] = replace(product, window_days=7)
+    reference = CAL.reference_window_days
+    if product.window_days != reference:
+        configs[f"reference window ({product.model}, {reference} days)"] = replace(product, window_days=reference)
     starts = TEST_STARTS if args.folds == "test" else VALIDATION_STARTS
     longest = max(c.window_days for c in configs.values())
     mcfg = product.model_config()
     lookback = model_history_days(mcfg.lookback_days, mcfg.terminal_len, mcfg.terminal_lookback_days) if mcfg.kind == "seq" else 0
-    needed_from = max(DATA_START, starts[0] + timedelta(days=7 - longest - lookback))
-    ensure_features(lake, day_range(needed_from, starts[-1] + timedelta(days=20)), args.generate)
+    first_train = min(min(fold_days(start, longest)[0]) for start in starts)
+    needed_from = max(DATA_START, first_train - timedelta(days=lookback))
+    ensure_features(lake, day_range(needed_from, max(fold_days(starts[-1], CAL.reference_window_days)[1])), args.generate)
 
     results: dict[str, list[dict]] = {}
     for label, cfg in configs.items():

@@ -10,7 +10,7 @@ Layout under the lake's ``models/`` folder::
     models/registry/decisions/date=<T>.json       the promotion decision of training day T
     models/registry/events/<seq>.json             manual promote / rollback events, numbered
 
-Semantics (SPEC §5):
+Semantics (docs/contract.md, "Training, evaluation and promotion"):
 
 * A version name holds a hash of its checkpoint bytes, so a version folder never changes: a
   rerun that produces the same bytes (CPU, same seed and data) names the same version, a rerun
@@ -39,13 +39,13 @@ import argparse
 import hashlib
 import json
 import sys
-from datetime import date, timedelta
+from datetime import date
 from typing import Any
 
 import pyarrow.fs as pafs
 
-from jobs.common.lake import MODELS, Lake, LakeError, parse_day
-from jobs.common.schedule import TrainingSchedule
+from jobs.common.calendar import ONE_DAY, Calendar, TrainingSchedule, calendar, parse_day
+from jobs.common.lake import MODELS, Lake, LakeError
 
 CHECKPOINT = "model.pt"
 EXPORT = "model_export.pt2"
@@ -78,11 +78,17 @@ def content_hash(obj: Any) -> str:
 
 
 class Registry:
-    """The registry of one lake. ``schedule`` defaults to the one configured in the environment."""
+    """The registry of one lake. The calendar (and so the training schedule) defaults to the one
+    configured in the environment; a :class:`TrainingSchedule` may be given instead."""
 
-    def __init__(self, lake: Lake, schedule: TrainingSchedule | None = None):
+    def __init__(self, lake: Lake, schedule: Calendar | TrainingSchedule | None = None):
         self.lake = lake
-        self.schedule = schedule or TrainingSchedule.from_settings()
+        if isinstance(schedule, TrainingSchedule):
+            self.calendar = schedule.calendar
+            self.schedule = schedule
+        else:
+            self.calendar = schedule or calendar()
+            self.schedule = self.calendar.schedule
 
     # --- paths -------------------------------------------------------------------------------
     def version_path(self, version: str, name: str = "") -> str:
@@ -286,7 +292,7 @@ class Registry:
 
     def champion_before(self, train_day: date) -> dict | None:
         """The champion a training day's candidate is compared with (as of the day before)."""
-        return self.champion_as_of(train_day - timedelta(days=1))
+        return self.champion_as_of(train_day - ONE_DAY)
 
 
 # --- CLI -------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ ENV_DOC = {
     "FRAUD_GATE_MAX_QUARANTINE_SHARE": "fail the run if quarantined/rows_in exceeds this (default 0.05)",
     "FRAUD_GATE_MIN_VOLUME_RATIO": "fail if clean rows < this x the trailing-week median (default 0.5)",
     "FRAUD_GATE_MAX_VOLUME_RATIO": "fail if clean rows > this x the trailing-week median (default 3.0)",
+    "FRAUD_GATE_MIN_TRAILING_DAYS": "judge volume only with at least this many published trailing days (default 3)",
     "FRAUD_NOTIFY_WEBHOOK_URL": "POST a JSON message here when a task fails (default: log only)",
 }
 
@@ -73,6 +74,7 @@ class GateThresholds:
     max_quarantine_share: float
     min_volume_ratio: float
     max_volume_ratio: float
+    min_trailing_days: int
 
 
 RUNNERS = ("local", "docker", "kubernetes")
@@ -111,4 +113,5 @@ def gate_thresholds() -> GateThresholds:
         max_quarantine_share=float(_env("FRAUD_GATE_MAX_QUARANTINE_SHARE", "0.05")),
         min_volume_ratio=float(_env("FRAUD_GATE_MIN_VOLUME_RATIO", "0.5")),
         max_volume_ratio=float(_env("FRAUD_GATE_MAX_VOLUME_RATIO", "3.0")),
+        min_trailing_days=int(_env("FRAUD_GATE_MIN_TRAILING_DAYS", "3")),
     )

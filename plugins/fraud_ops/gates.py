@@ -1,4 +1,4 @@
-"""The blocking data-quality gate on a day's clean partition (SPEC §1 step 3).
+"""The blocking data-quality gate on a day's clean partition (docs/contract.md, "The nightly run", step 3).
 
 It reads only manifests (the clean job's ``stats``), never data: quarantine share, an empty day,
 and volume against the median of the trailing week. A failed check raises, so nothing downstream
@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import statistics
 import uuid
-from datetime import date, timedelta
+from datetime import date
 
 from fraud_ops.config import GateThresholds
-
-TRAILING_DAYS = 7
-MIN_TRAILING_DAYS = 3  # fewer published days than this: too little history to judge volume
 
 
 class DataQualityError(RuntimeError):
@@ -28,7 +25,8 @@ def evaluate(stats: dict, trailing_clean_rows: list[int], limits: GateThresholds
     clean = int(stats.get("clean", 0))
     quarantined = int(stats.get("quarantined_total", rows_in - clean))
     share = quarantined / rows_in if rows_in else 0.0
-    median = statistics.median(trailing_clean_rows) if len(trailing_clean_rows) >= MIN_TRAILING_DAYS else None
+    median = (statistics.median(trailing_clean_rows)
+              if len(trailing_clean_rows) >= limits.min_trailing_days else None)
     ratio = clean / median if median else None
     failures = []
     if clean == 0:
@@ -53,21 +51,23 @@ def evaluate(stats: dict, trailing_clean_rows: list[int], limits: GateThresholds
             "max_quarantine_share": limits.max_quarantine_share,
             "min_volume_ratio": limits.min_volume_ratio,
             "max_volume_ratio": limits.max_volume_ratio,
+            "min_trailing_days": limits.min_trailing_days,
         },
     }
 
 
 def check_day(lake_uri: str, day: str | date, limits: GateThresholds) -> dict:
     """Run the gate for day D of a lake; record the verdict as a run record; raise if it failed."""
-    from jobs.common.lake import Dataset, Lake, NotPublished, parse_day
+    from jobs.common.calendar import calendar, parse_day
+    from jobs.common.lake import Dataset, Lake, NotPublished
 
     lake, day = Lake.from_uri(lake_uri), parse_day(day)
     manifest = lake.manifest(Dataset.CLEAN, day)
     if manifest is None:
         raise NotPublished(f"clean date={day} is not published in {lake.uri}")
     trailing = []
-    for back in range(1, TRAILING_DAYS + 1):
-        previous = lake.manifest(Dataset.CLEAN, day - timedelta(days=back))
+    for previous_day in calendar().gate_trailing(day):
+        previous = lake.manifest(Dataset.CLEAN, previous_day)
         if previous is not None:
             trailing.append(int(previous.get("stats", {}).get("clean", previous["rows"])))
     stats = {"clean": manifest["rows"], **manifest.get("stats", {})}

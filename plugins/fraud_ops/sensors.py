@@ -8,13 +8,13 @@ earlier days never existed, so they are not waited for.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import date, timedelta
+from datetime import date
 
 from airflow.sdk import BaseSensorOperator
 
 
 def _day(value: str | date) -> date:
-    from jobs.common.lake import parse_day
+    from jobs.common.calendar import parse_day
 
     return parse_day(value)
 
@@ -44,59 +44,65 @@ class LandingSensor(_LakeSensor):
         return ready
 
 
-class PartitionsSensor(_LakeSensor):
-    """Waits until every expected partition of ``dataset`` for days D-first_back .. D-last_back is published."""
+class InputsSensor(_LakeSensor):
+    """Waits until every expected partition of ``dataset`` that ``steps`` read for D is published.
 
-    template_fields: Sequence[str] = ("lake", "day", "first_back", "last_back")
+    The days come from the step contracts (``jobs.common.contracts``) and the calendar, never from
+    the DAG: change an offset there and the sensor follows. ``window_days`` (templated) is the
+    training window length the train step's contract depends on.
+    """
 
-    def __init__(self, *, dataset: str, first_back: int | str, last_back: int | str = 0, **kwargs) -> None:
+    template_fields: Sequence[str] = ("lake", "day", "window_days")
+
+    def __init__(self, *, steps: str | Sequence[str], dataset: str, window_days: int | str | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
+        self.steps = (steps,) if isinstance(steps, str) else tuple(steps)
         self.dataset = dataset
-        self.first_back = first_back
-        self.last_back = last_back
+        self.window_days = window_days
 
     def expected_days(self) -> list[date]:
-        from jobs.common.config import settings
+        from jobs.common.calendar import calendar
+        from jobs.common.contracts import required_days
 
-        day, first_date = _day(self.day), settings().first_date
-        days = [day - timedelta(days=n) for n in range(int(self.first_back), int(self.last_back) - 1, -1)]
-        return [d for d in days if d >= first_date]
+        window = int(self.window_days) if self.window_days not in (None, "") else None
+        return required_days(self.steps, self.dataset, [_day(self.day)], calendar(), window)
 
     def poke(self, context) -> bool:
+        from jobs.common.calendar import format_days
+
         lake = self._lake()
         missing = [d for d in self.expected_days() if not lake.is_published(self.dataset, d)]
         if missing:
-            self.log.info(
-                "waiting for %d unpublished %s partitions: %s",
-                len(missing),
-                self.dataset,
-                ", ".join(d.isoformat() for d in missing[:10]) + (" ..." if len(missing) > 10 else ""),
-            )
+            self.log.info("waiting for %d unpublished %s partitions: %s", len(missing), self.dataset,
+                          format_days(missing))
         return not missing
 
 
 class DecisionSensor(_LakeSensor):
-    """Waits for the promotion decision of a training day picked relative to D.
+    """Waits for the promotion decision that ``step`` needs for D (its contract's ``decision``).
 
-    ``which="latest"``: the latest training day <= D (what scoring D needs);
-    ``which="previous"``: the training day before D (what training on D needs).
-    No such day (before the first training day): nothing to wait for.
+    ``"latest"`` (scoring): the latest training day <= D; ``"previous"`` (training): the latest
+    training day before D. No such day (before the first training day): nothing to wait for.
     """
 
-    def __init__(self, *, which: str, **kwargs) -> None:
+    def __init__(self, *, step: str, **kwargs) -> None:
+        from jobs.common.contracts import step as contract
+
+        which = contract(step).decision
         if which not in ("latest", "previous"):
-            raise ValueError(f"which must be 'latest' or 'previous', got {which!r}")
+            raise ValueError(f"step {step!r} needs no decision")
         super().__init__(**kwargs)
+        self.step = step
         self.which = which
 
     def training_day(self) -> date | None:
-        from jobs.common.schedule import TrainingSchedule
+        from jobs.common.calendar import TrainingSchedule
 
         schedule, day = TrainingSchedule.from_settings(), _day(self.day)
         if self.which == "latest":
             return schedule.latest_training_day(day)
-        latest = schedule.latest_training_day(day - timedelta(days=1))
-        return latest
+        return schedule.latest_training_day_before(day)
 
     def poke(self, context) -> bool:
         from jobs.torch.registry import Registry

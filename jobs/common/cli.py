@@ -1,0 +1,74 @@
+"""The command line every job shares: ``--lake URI`` and ``--date D`` or ``--start D1 --end D2``.
+
+Exit codes (the DAG reads them): 0 done; 1 failed (the message names the days not done); 75
+waiting (an input partition or an earlier decision is not there yet: nothing was written for the
+days named, run again later); 99 no champion model yet (scoring skipped, with the reason recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from datetime import date
+
+from jobs.common.calendar import day_range, format_days, parse_day
+from jobs.common.config import settings
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_WAITING = 75  # EX_TEMPFAIL
+EXIT_NO_CHAMPION = 99
+
+
+class Waiting(RuntimeError):
+    """An input is not published yet (or an earlier decision is missing): retry later."""
+
+
+def day_parser(prog: str, description: str, ranges: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--lake", default=None, help="lake root URI (default: FRAUD_LAKE_URI)")
+    parser.add_argument("--date", type=parse_day, help="the day D to process")
+    if ranges:
+        parser.add_argument("--start", type=parse_day, help="first day of an inclusive range")
+        parser.add_argument("--end", type=parse_day, help="last day of an inclusive range")
+    return parser
+
+
+def parse_days(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse, then set ``args.days`` (the days in date order) and ``args.lake`` (with its default)."""
+    args = parser.parse_args(argv)
+    start, end = getattr(args, "start", None), getattr(args, "end", None)
+    if args.date and (start or end):
+        parser.error("give either --date or --start/--end, not both")
+    if args.date:
+        args.days = [args.date]
+    elif start and end:
+        if end < start:
+            parser.error(f"--end {end} is before --start {start}")
+        args.days = day_range(start, end)
+    else:
+        parser.error("give --date D or --start D1 --end D2" if hasattr(args, "start") else "give --date D")
+    args.lake = args.lake or settings().lake_uri
+    return args
+
+
+def not_done(step: str, days: Sequence[date], error: BaseException | str, failed_on: date | None = None,
+             code: int = EXIT_FAILED) -> int:
+    """Say what failed and which days are not done (the range can be rerun from the first one)."""
+    where = f" on {failed_on}" if failed_on else ""
+    print(f"{step}: failed{where}: {error}" if code == EXIT_FAILED else f"{step}: {error}", file=sys.stderr)
+    print(f"{step}: days not done: {format_days(days)}", file=sys.stderr)
+    return code
+
+
+def run_each(step: str, days: Sequence[date], body: Callable[[date], None]) -> int:
+    """Run ``body`` for each day in order; a failure or a wait names the days not done from there."""
+    for i, day in enumerate(days):
+        try:
+            body(day)
+        except Waiting as exc:
+            return not_done(step, days[i:], exc, code=EXIT_WAITING)
+        except Exception as exc:  # noqa: BLE001 - reported with the days not done
+            return not_done(step, days[i:], exc, failed_on=day)
+    return EXIT_OK

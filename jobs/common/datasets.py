@@ -1,0 +1,18 @@
+"""The datasets of the lake: their folders under the root (docs/contract.md, "The lake").
+
+A plain list of names, so that what imports it (the DAG's sensors through the step contracts)
+stays light; every path is built from these by ``jobs.common.lake``.
+"""
+
+
+class Dataset:
+    """Dataset folders under the root. Use these names, never literal paths."""
+
+    LANDING = "landing/transactions"
+    CLEAN = "clean/transactions"
+    QUARANTINE = "quarantine/transactions"
+    FEATURES = "features/transactions"
+    MODELS = "models"
+    SCORES = "scores/transactions"
+    ALERTS = "alerts/cards"
+    REPORTS = "reports"
