@@ -41,11 +41,13 @@ up: $(STAMP) ## start Airflow locally with the DAG ready in the UI (prints the U
 	$(PY) deploy/local_airflow.py
 
 QUALITY_LAKE ?= file://$(CURDIR)/.quality-lake
-quality: $(STAMP) ## reference-protocol quality report: generates reference-scale data in .quality-lake once (~15 min)
-	$(PY) -m jobs.torch.quality --lake $(QUALITY_LAKE) --generate --json .quality-lake/quality.json
+QUALITY_LAKE_REALISTIC ?= file://$(CURDIR)/.quality-lake-realistic
+quality: $(STAMP) ## reference-protocol quality report, fixed and realistic label delays (generates both lakes once, ~30 min)
+	$(PY) -m jobs.torch.quality --lake $(QUALITY_LAKE) --realistic-lake $(QUALITY_LAKE_REALISTIC) --generate \
+		--json .quality-lake/quality.json
 
 bench: $(STAMP) ## benchmarks (prints tables, writes bench/RESULTS.md)
 	$(PY) -m bench
 
 clean: ## remove the demo lake and run state (keeps .venv)
-	rm -rf .lake .quality-lake .airflow .work spark-warehouse metastore_db derby.log
+	rm -rf .lake .quality-lake .quality-lake-realistic .airflow .work spark-warehouse metastore_db derby.log

@@ -21,6 +21,7 @@ STEP = settings()
 
 CLEAN = Asset(name="fraud_clean_transactions", group="fraud_lake")
 QUARANTINE = Asset(name="fraud_quarantine_transactions", group="fraud_lake")
+LABELS = Asset(name="fraud_clean_labels", group="fraud_lake")
 FEATURES = Asset(name="fraud_features_transactions", group="fraud_lake")
 MODELS = Asset(name="fraud_models", group="fraud_lake")
 SCORES = Asset(name="fraud_scores_transactions", group="fraud_lake")
@@ -69,8 +70,10 @@ def fraud_nightly():
 
     For every day **D** (the run's one-day UTC data interval; a manual run may name D in the form):
 
-    1. **wait_for_landing** waits for `landing/transactions/date=D/_SUCCESS`;
-    2. **clean** (Spark) types, dedupes and validates D into `clean/` and `quarantine/`;
+    1. **wait_for_landing** waits for D's transactions and label events to land (`_SUCCESS`), and
+       **wait_for_label_history** for the clean days a label event may name;
+    2. **clean** (Spark) types, dedupes and validates D's transactions and label events into
+       `clean/` and `quarantine/`;
     3. **wait_for_clean_history** waits for the clean history the gate and the features read
        (days before the pipeline's first date never existed and are not waited for), then
        **quality_gate** fails the run on a high quarantine share, an empty day or a collapsed volume;
@@ -130,13 +133,19 @@ def fraud_nightly():
         timeout=CFG.landing_timeout_hours * 3600,
         mode=CFG.sensor_mode,
     )
+    label_history = InputsSensor(
+        task_id="wait_for_label_history", steps="clean", dataset=Dataset.CLEAN, lake=lake, day=day, **wait,
+    )  # fmt: skip
     clean = SparkJobOperator(
         task_id="clean", job="clean", lake=lake, day=day, conn_id=CFG.spark_conn_id,
-        conf=CFG.spark_conf, driver_memory=STEP.spark_driver_memory, outlets=[CLEAN, QUARANTINE],
+        conf=CFG.spark_conf, driver_memory=STEP.spark_driver_memory, outlets=[CLEAN, QUARANTINE, LABELS],
     )  # fmt: skip
     clean_history = InputsSensor(
         task_id="wait_for_clean_history", steps=("quality_gate", "features"), dataset=Dataset.CLEAN,
         lake=lake, day=day, **wait,
+    )  # fmt: skip
+    labels = InputsSensor(
+        task_id="wait_for_clean_labels", steps="features", dataset=Dataset.CLEAN_LABELS, lake=lake, day=day, **wait,
     )  # fmt: skip
     features = SparkJobOperator(
         task_id="features", job="features", lake=lake, day=day, conn_id=CFG.spark_conn_id,
@@ -172,7 +181,7 @@ def fraud_nightly():
 
     gate = quality_gate(lake, day)
     branch = train_today(day)
-    landing >> clean >> clean_history >> gate >> features >> branch
+    landing >> label_history >> clean >> clean_history >> labels >> gate >> features >> branch
     branch >> training_inputs >> previous_decision >> train >> decision
     branch >> no_training >> decision
     decision >> feature_history >> score >> report

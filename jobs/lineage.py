@@ -36,7 +36,7 @@ from jobs.common import commands, contracts
 from jobs.common.calendar import Calendar, calendar, format_days, parse_day, runs_of
 from jobs.common.cli import EXIT_NO_CHAMPION, EXIT_OK, EXIT_WAITING
 from jobs.common.lake import MANIFEST, Dataset, Lake, content_digest
-from jobs.common.provenance import CHAMPION
+from jobs.common.provenance import CHAMPION, LANDING
 
 EXIT_STALE = 1
 EXIT_MODELS_STALE = 2
@@ -133,8 +133,8 @@ class LineageView:
         if key not in self._digests:
             if dataset == CHAMPION:
                 self._digests[key] = self.champion(day)
-            elif dataset == Dataset.LANDING:
-                self._digests[key] = self.lake.landing_digest(day)
+            elif dataset in LANDING:
+                self._digests[key] = self.lake.landing_digest(day, dataset)
             else:
                 self._digests[key] = self.lake.digest(dataset, day, self.manifest(dataset, day))
         return self._digests[key]
@@ -176,7 +176,7 @@ class LineageView:
                     change = "appeared" if recorded is None else "removed" if now is None else "republished"
                 root = Root(dataset, day.isoformat(), change)
                 found[(root.dataset, root.date)] = root
-            elif dataset not in (CHAMPION, Dataset.LANDING):
+            elif dataset != CHAMPION and dataset not in LANDING:
                 for root in self.roots(dataset, day) or []:
                     found[(root.dataset, root.date)] = root
         return sorted(found.values(), key=lambda r: (r.date, r.dataset))

@@ -24,7 +24,7 @@ from datetime import date
 
 import numpy as np
 
-from jobs.common.calendar import Calendar, calendar
+from jobs.common.calendar import ONE_DAY, Calendar, calendar, day_range
 from jobs.common.cli import EXIT_OK, day_parser, parse_days, run_each
 from jobs.common.config import settings
 from jobs.common.lake import Dataset, Lake, LakeError
@@ -59,6 +59,8 @@ def counts(lake: Lake, day: date) -> dict:
         "quarantined_by_reason": stats.get("quarantined", {}),
         "duplicates_collapsed": stats.get("duplicates_collapsed"),
         "label_updates": stats.get("label_updates"),
+        "label_events": {key: ((lake.manifest(Dataset.CLEAN_LABELS, day) or {}).get("stats") or {}).get(key)
+                         for key in ("events_in", "clean", "quarantined_total", "quarantined")},
         "features": _manifest_rows(lake, Dataset.FEATURES, day),
         "scored": _manifest_rows(lake, Dataset.SCORES, day),
         "alerts": _manifest_rows(lake, Dataset.ALERTS, day),
@@ -96,27 +98,24 @@ def model_section(lake: Lake, day: date, cal: Calendar) -> dict:
     }
 
 
-def _labels_by_id(lake: Lake, day: date) -> dict[int, int]:
-    table = lake.read_table(Dataset.CLEAN, day, columns=["TRANSACTION_ID", "TX_FRAUD"])
-    ids = table.column("TRANSACTION_ID").to_numpy()
-    labels = table.column("TX_FRAUD").to_numpy(zero_copy_only=False)
-    labels = np.nan_to_num(np.asarray(labels, dtype=np.float64), nan=0.0).astype(np.int8)
-    return dict(zip(ids.tolist(), labels.tolist(), strict=True))
-
-
 def matured_frame(lake: Lake, day: date, cal: Calendar) -> tuple[list[date], dict[str, np.ndarray]]:
-    """Scores of the scored days whose labels have matured by D, joined with those labels."""
+    """Scores of the scored days whose labels have matured by D, with those labels as known before D
+    began (inline ones and the feed's)."""
+    from jobs.torch.data import LabelEvents, start_of_us
+
     first_date = cal.first_date
+    matured = cal.expected(cal.report_matured(day))
+    events = (LabelEvents.read(lake, matured, day_range(min(matured), day - ONE_DAY), cal.label_delay_days)
+              if matured else None)
     days, parts = [], {"day": [], "card": [], "label": [], "score": []}
-    for d in cal.expected(cal.report_matured(day)):
+    for d in matured:
         if not lake.is_published(Dataset.SCORES, d) or not lake.is_published(Dataset.CLEAN, d):
             continue
         scores = lake.read_table(Dataset.SCORES, d, columns=["TRANSACTION_ID", "CUSTOMER_ID", "score"])
-        labels = _labels_by_id(lake, d)
         ids = scores.column("TRANSACTION_ID").to_numpy()
         parts["day"].append(np.full(len(ids), (d - first_date).days))
         parts["card"].append(scores.column("CUSTOMER_ID").to_numpy())
-        parts["label"].append(np.array([labels.get(i, 0) for i in ids.tolist()], dtype=np.int8))
+        parts["label"].append(events.as_of(ids, start_of_us(day)))
         parts["score"].append(scores.column("score").to_numpy())
         days.append(d)
     arrays = {k: (np.concatenate(v) if v else np.empty(0)) for k, v in parts.items()}

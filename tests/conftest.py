@@ -47,6 +47,21 @@ def lake(lake_uri: str):
 
 
 @pytest.fixture(scope="session")
+def small_inline_lake(tmp_path_factory) -> Path:
+    """The small world of ``tests/pipeline.py`` with inline labels, built once by the pipeline's own
+    commands (clean, features, training days, score, report). Read-only: tests work on copies."""
+    from pipeline import SMALL, build, generate
+
+    root = tmp_path_factory.mktemp("small-inline") / "lake"
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in SMALL.items():
+            mp.setenv(name, value)
+        generate(root.as_uri())
+        build(root.as_uri())
+    return root
+
+
+@pytest.fixture(scope="session")
 def spark():
     """One local SparkSession for the whole run (starting Spark costs seconds)."""
     os.environ.setdefault("FRAUD_SPARK_MASTER", "local[2]")

@@ -17,7 +17,7 @@ import pytest
 from jobs.common import contracts
 from jobs.common.calendar import Calendar, calendar, day_range
 from jobs.common.lake import Dataset
-from jobs.common.schema import CLEAN_SCHEMA, SCORES_SCHEMA
+from jobs.common.schema import CLEAN_SCHEMA, LABEL_EVENT_SCHEMA, SCORES_SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
 D = date(2018, 6, 1)
@@ -95,10 +95,12 @@ def test_the_features_job_and_the_report_follow_the_label_delay(delay_5, lake):
     cal = delay_5
     for day in day_range(date(2018, 4, 20), D):
         lake.write_table(Dataset.CLEAN, day, CLEAN_SCHEMA.empty_table())
+        lake.write_table(Dataset.CLEAN_LABELS, day, LABEL_EVENT_SCHEMA.empty_table())
         lake.write_table(Dataset.SCORES, day, SCORES_SCHEMA.empty_table())
     inputs = find_inputs(lake, [D], cal)
     assert len(inputs.files) == 36  # D-35 .. D, one file each
-    assert [i["date"] for i in inputs.lineage[D]["inputs"]] == [d.isoformat() for d in Calendar.span(D, 35)]
+    assert [i["date"] for i in inputs.lineage[D]["inputs"] if i["dataset"] == Dataset.CLEAN] == [
+        d.isoformat() for d in Calendar.span(D, 35)]
     days, _ = matured_frame(lake, D, cal)
     assert days == day_range(date(2018, 4, 27), date(2018, 5, 26))  # 30 days ending D-6
     assert volume_trend(lake, D, cal)[0]["date"] == "2018-04-27"  # D-35

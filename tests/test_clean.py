@@ -19,9 +19,16 @@ import pytest
 
 from jobs.common.lake import ATTEMPT_PREFIX, Dataset, Lake
 from jobs.common.schema import CLEAN_SCHEMA, QUARANTINE_SCHEMA, RAW_COLUMNS, RAW_SCHEMA, QuarantineReason
-from jobs.spark import clean
+from jobs.spark import clean, landing
 
 pytestmark = pytest.mark.spark
+
+
+@pytest.fixture(autouse=True)
+def _transactions_only(monkeypatch):
+    """These tests are about the transactions half of the clean step: no label feed to wait for
+    (the label half is in test_labels.py)."""
+    monkeypatch.setenv("FRAUD_LABEL_FEED", "off")
 
 D = date(2018, 4, 1)
 D2 = date(2018, 4, 2)
@@ -208,8 +215,9 @@ def test_negative_amount_and_the_printed_stats_line(spark, lake, capsys):
     write_parquet(lake, D, [row(1, amount=-0.01), row(2, amount=0.0), row(3, amount=5.0)])
     lake.mark_landing_done(D)
     stats = run(lake)
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert printed == {"step": "clean", "date": "2018-04-01", **stats}
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines() if line.startswith("{")]
+    printed = next(p for p in lines if p["dataset"] == "clean/transactions")
+    assert printed == {"step": "clean", "dataset": "clean/transactions", "date": "2018-04-01", **stats}
     only(stats, QuarantineReason.NEGATIVE_AMOUNT, 1)
     assert reasons(lake) == {"1": QuarantineReason.NEGATIVE_AMOUNT}
     assert quarantine(lake)[0]["TX_AMOUNT"] == "-0.01"
@@ -380,9 +388,9 @@ def test_extra_columns_are_ignored_and_optional_columns_may_be_missing(spark, la
 
 def test_a_column_given_twice_is_a_clear_error():
     with pytest.raises(
-        clean.CleanError, match=r"column TX_AMOUNT appears more than once \(tx_amount, TX_AMOUNT\)"
+        landing.CleanError, match=r"column TX_AMOUNT appears more than once \(tx_amount, TX_AMOUNT\)"
     ):
-        clean._match_columns([*RAW_COLUMNS[:4], "tx_amount", "TX_AMOUNT"], "file:///x.csv")
+        landing._match_columns([*RAW_COLUMNS[:4], "tx_amount", "TX_AMOUNT"], "file:///x.csv", clean.TRANSACTIONS)
 
 
 def test_case_insensitive_csv_column_names(spark, lake):

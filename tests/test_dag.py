@@ -15,9 +15,11 @@ DAG_FILE = REPO / "dags" / "fraud_nightly.py"
 
 EXPECTED_GRAPH = {
     "plan": {"wait_for_landing"},
-    "wait_for_landing": {"clean"},
+    "wait_for_landing": {"wait_for_label_history"},
+    "wait_for_label_history": {"clean"},
     "clean": {"wait_for_clean_history"},
-    "wait_for_clean_history": {"quality_gate"},
+    "wait_for_clean_history": {"wait_for_clean_labels"},
+    "wait_for_clean_labels": {"quality_gate"},
     "quality_gate": {"features"},
     "features": {"train_today"},
     "train_today": {"wait_for_training_inputs", "no_training"},
@@ -126,7 +128,7 @@ def test_operators_and_trigger_rules(dag):
     assert dag.get_task("train").pool == dag.get_task("score").pool == "gpu"
     outlets = {t.task_id: {a.name for a in t.outlets} for t in dag.tasks if t.outlets}
     assert outlets == {
-        "clean": {"fraud_clean_transactions", "fraud_quarantine_transactions"},
+        "clean": {"fraud_clean_transactions", "fraud_quarantine_transactions", "fraud_clean_labels"},
         "features": {"fraud_features_transactions"},
         "train": {"fraud_models"},
         "score": {"fraud_scores_transactions", "fraud_alerts_cards"},

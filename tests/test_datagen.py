@@ -11,7 +11,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.common.lake import Lake, day_range
+from jobs.common.lake import Dataset, Lake, day_range
 from jobs.common.schema import RAW_COLUMNS, RAW_SCHEMA
 from jobs.datagen import generate_to_lake, simulator
 from jobs.datagen.__main__ import main
@@ -98,16 +98,18 @@ def test_success_marker_is_written_after_the_day_data(lake, monkeypatch):
     events: list[tuple[str, date, int]] = []
     write_landing, mark_done = lake.write_landing, lake.mark_landing_done
 
-    def spy_write(day, table, fmt="parquet", name="part-00000"):
-        assert not lake.landing_ready(day)
-        path = write_landing(day, table, fmt, name)
-        events.append(("data", day, table.num_rows))
+    def spy_write(day, table, fmt="parquet", name="part-00000", dataset=Dataset.LANDING):
+        assert not lake.landing_ready(day, dataset)
+        path = write_landing(day, table, fmt, name, dataset)
+        if dataset == Dataset.LANDING:
+            events.append(("data", day, table.num_rows))
         return path
 
-    def spy_mark(day):
-        assert read_landing(lake, day).num_rows == events[-1][2]  # the data is complete already
-        mark_done(day)
-        events.append(("done", day, 0))
+    def spy_mark(day, dataset=Dataset.LANDING):
+        if dataset == Dataset.LANDING:
+            assert read_landing(lake, day).num_rows == events[-1][2]  # the data is complete already
+            events.append(("done", day, 0))
+        mark_done(day, dataset)
 
     monkeypatch.setattr(lake, "write_landing", spy_write)
     monkeypatch.setattr(lake, "mark_landing_done", spy_mark)

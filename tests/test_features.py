@@ -23,6 +23,7 @@ from jobs.common.lake import Dataset, Lake
 from jobs.common.schema import (
     CLEAN_SCHEMA,
     FEATURE_SCHEMA,
+    LABEL_EVENT_SCHEMA,
     WINDOWS_DAYS,
     customer_avg_amount,
     customer_count,
@@ -65,6 +66,7 @@ def publish_clean(lake: Lake, rows: list[tuple], days: list[date], seed: int = 0
         todays = [r for r in rows if r[1].date() == day]
         todays = [todays[i] for i in rng.permutation(len(todays))]
         lake.write_table(Dataset.CLEAN, day, clean_table(todays))
+        lake.write_table(Dataset.CLEAN_LABELS, day, LABEL_EVENT_SCHEMA.empty_table())  # inline labels only
 
 
 def days_between(first: date, last: date) -> list[date]:
@@ -182,7 +184,7 @@ def test_terminal_window_is_delayed_by_seven_days(scenario, n, expected):
     count, risk = feature_values(out, 5008, "terminal", n)
     assert count == expected[0]
     assert risk == pytest.approx(expected[1], abs=1e-12)
-    assert pd.isna(out.loc[5008, "TX_FRAUD"])  # the label is passed through, null stays null
+    assert "TX_FRAUD" not in out.columns  # a feature row holds no label
 
 
 def test_empty_terminal_window_has_count_zero_and_risk_zero(scenario):
@@ -278,11 +280,12 @@ def test_kernel_does_not_depend_on_row_order_or_on_key_chunking(monkeypatch):
     amounts = rng.uniform(0, 100, n)
     frauds = rng.integers(0, 2, n)
     base_c = windows.customer_windows(keys, times, amounts, WINDOWS_DAYS)
-    base_t = windows.terminal_windows(keys, times, frauds, WINDOWS_DAYS, 7)
+    base_t = windows.terminal_windows(keys, times, windows.inline_changes(keys, times, frauds, 7), WINDOWS_DAYS, 7)
     perm = rng.permutation(n)
     monkeypatch.setattr(windows, "_INT64_HEADROOM", 3 * windows.window_us(80))  # a few keys per chunk
     shuffled_c = windows.customer_windows(keys[perm], times[perm], amounts[perm], WINDOWS_DAYS)
-    shuffled_t = windows.terminal_windows(keys[perm], times[perm], frauds[perm], WINDOWS_DAYS, 7)
+    shuffled_t = windows.terminal_windows(keys[perm], times[perm],
+                                          windows.inline_changes(keys[perm], times[perm], frauds[perm], 7), WINDOWS_DAYS, 7)
     for w in WINDOWS_DAYS:
         for got, want in ((shuffled_c[w], base_c[w]), (shuffled_t[w], base_t[w])):
             np.testing.assert_array_equal(got[0], want[0][perm])

@@ -10,9 +10,8 @@ from datetime import date, timedelta
 
 import pytest
 
-from jobs.common.lake import Dataset
 from jobs.torch.quality import fold_days, format_table, run_fold
-from jobs.torch.synthetic import synthetic_features
+from jobs.torch.synthetic import publish_synthetic, synthetic_features
 from jobs.torch.train import TrainConfig
 
 START = date(2018, 4, 1)
@@ -22,12 +21,12 @@ START = date(2018, 4, 1)
 def test_protocol_on_synthetic_features_learns(lake, model):
     for i in range(21):
         day = START + timedelta(days=i)
-        lake.write_table(Dataset.FEATURES, day, synthetic_features(day, 700, seed=3, cards=400))
+        publish_synthetic(lake, day, synthetic_features(day, 700, seed=3, cards=400))
     cfg = TrainConfig.from_argv(["--date", "2018-04-22", "--model", model, "--epochs", "6", "--batch-size", "128", "--hidden", "32",
                                  "--window-days", "7", "--seed", "0"])
     window, test = fold_days(START, cfg.window_days)
     assert window[0] == START and test[0] == date(2018, 4, 15) and len(test) == 7
-    fold = run_fold(lake, cfg, START, first_date=START)
+    fold = run_fold(lake, cfg, START)
     assert fold["auc_roc"] > 0.8
     assert fold["average_precision"] > 0.3  # fraud share is 3%: a model that stopped learning scores ~0.03
     assert fold["card_precision@100"] > 0.1

@@ -18,7 +18,7 @@ from jobs.torch import score, train
 from jobs.torch.checkpoint import IncompatibleModel, Loaded, load_version
 from jobs.torch.model import ModelConfig
 from jobs.torch.predict import predict_columns
-from jobs.torch.synthetic import synthetic_features
+from jobs.torch.synthetic import publish_synthetic, synthetic_features
 
 FIRST = date(2018, 4, 1)
 T1, T2 = date(2018, 4, 15), date(2018, 4, 22)
@@ -35,7 +35,7 @@ def trained_lake(tmp_path_factory):
         lake = Lake.from_uri((tmp_path_factory.mktemp("scored") / "lake").as_uri())
         for i in range(23):
             day = FIRST + timedelta(days=i)
-            lake.write_table(Dataset.FEATURES, day, synthetic_features(day, 300, cards=150))
+            publish_synthetic(lake, day, synthetic_features(day, 300, cards=150))
         assert score.main(["--lake", lake.uri, "--date", "2018-04-14"]) == EXIT_NO_CHAMPION
         assert score.main(["--lake", lake.uri, "--date", T1.isoformat()]) == EXIT_WAITING
         for day in (T1, T2):
@@ -114,7 +114,7 @@ def test_waiting_for_a_decision_is_not_no_champion(trained_lake):
     lake = trained_lake
     for i in range(23, 29):
         day = FIRST + timedelta(days=i)
-        lake.write_table(Dataset.FEATURES, day, synthetic_features(day, 50, cards=150))
+        publish_synthetic(lake, day, synthetic_features(day, 50, cards=150))
     rc = score.main(["--lake", lake.uri, "--date", "2018-04-29"])
     assert rc == EXIT_WAITING and rc not in (0, EXIT_NO_CHAMPION)
     assert not lake.is_published(Dataset.SCORES, date(2018, 4, 29))

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.common.calendar import MICROS_PER_DAY
-from jobs.common.cli import EXIT_WAITING
+from jobs.common.calendar import MICROS_PER_DAY, Calendar
+from jobs.common.cli import EXIT_NO_CHAMPION, EXIT_WAITING
 from jobs.common.lake import Dataset, Lake
 from jobs.common.schema import FEATURE_SCHEMA_VERSION, MODEL_INPUTS, customer_avg_amount
 from jobs.torch import registry as R
@@ -23,18 +23,20 @@ from jobs.torch.checkpoint import load_version
 from jobs.torch.data import (
     TERMINAL_STEP,
     FeatureFrame,
+    LabelEvents,
     TerminalRows,
     build_terminal_history,
     read_features,
     read_for_model,
-    read_with_history,
 )
 from jobs.torch.fit import merge_ensemble
+from jobs.torch.model import ModelConfig
 from jobs.torch.predict import predict
-from jobs.torch.synthetic import synthetic_features
+from jobs.torch.synthetic import publish_synthetic, synthetic_features
 
 FIRST = date(2018, 4, 1)
 T1, T2 = date(2018, 4, 15), date(2018, 4, 22)
+CAL = Calendar(FIRST)
 FAST = ["--epochs", "2", "--hidden", "16", "--batch-size", "256"]
 
 
@@ -48,7 +50,7 @@ def schedule_env(monkeypatch):
 def publish(lake: Lake, days: int = 15, rows: int = 400) -> None:
     for i in range(days):
         day = FIRST + timedelta(days=i)
-        lake.write_table(Dataset.FEATURES, day, synthetic_features(day, rows, cards=120))
+        publish_synthetic(lake, day, synthetic_features(day, rows, cards=120))
 
 
 def run_train(lake: Lake, day: date, *extra: str) -> int:
@@ -105,7 +107,7 @@ def test_exported_program_scores_like_the_checkpoint_without_project_code(lake, 
     assert loaded.config.kind == kind
     day = FIRST + timedelta(days=2)
     if kind == "seq":  # the program takes the history as tensors: rows, previous rows, gaps, presence, terminal rows
-        frame, history = read_for_model(lake, [day], loaded.config, FIRST)
+        frame, history = read_for_model(lake, [day], loaded.config, CAL)
         present = history.prev >= 0
         inputs = [frame.x, history.pool[np.maximum(history.prev, 0)], history.gap_days, present.astype(np.float32),
                   history.terminal]
@@ -160,10 +162,51 @@ def test_a_worse_configuration_is_refused(lake):
     assert statuses[champion] == "champion" and statuses[d2["candidate"]["version"]] == "refused"
 
 
+def publish_days(lake: Lake, days: list[date], fraud_rate: float, rows: int = 400) -> None:
+    for day in days:
+        publish_synthetic(lake, day, synthetic_features(day, rows, cards=120, fraud_rate=fraud_rate))
+
+
+def test_a_fraud_free_training_window_promotes_nothing_and_says_why(lake):
+    publish_days(lake, CAL.span(T1, 14, 0), fraud_rate=0.0)  # T1's window (04-01 .. 04-07) has no fraud
+    assert run_train(lake, T1) == 0
+    registry = R.Registry(lake)
+    decision = registry.decision(T1)
+    assert decision["outcome"] == R.REFUSED and decision["champion"] is None
+    assert decision["reason"].startswith("refused: no evidence (0 fraud labels in the training window, minimum 10")
+    assert decision["evidence"] == {"training_window": 0, "validation_week": None, "minimum": 10}
+    assert registry.versions() == []  # nothing was trained
+    assert registry.champion_as_of(T1) is None  # the next days score nothing and go on
+    from jobs.torch import score
+
+    assert score.main(["--lake", lake.uri, "--date", T1.isoformat()]) == EXIT_NO_CHAMPION
+
+
+def test_a_fraud_free_validation_week_keeps_the_champion_and_says_why(lake, monkeypatch):
+    # a 14-day window: the training window (ending T-8) then reaches beyond the validation week (T-14 .. T-8)
+    monkeypatch.setenv("FRAUD_TRAIN_WINDOW_DAYS", "14")
+    first, later = date(2018, 4, 22), date(2018, 4, 29)
+    cal = Calendar(FIRST, train_window_days=14)
+    assert cal.schedule.first_training_day == first and cal.schedule.previous_training_day(later) == first
+    validation_week = set(cal.validation_week(later))
+    for day in cal.span(later, 28, 1):  # frauds everywhere but in the later day's validation week
+        publish_days(lake, [day], fraud_rate=0.0 if day in validation_week else 0.03)
+    assert run_train(lake, first) == 0
+    registry = R.Registry(lake)
+    champion = registry.decision(first)["champion"]
+    assert champion is not None and registry.decision(first)["evidence"]["training_window"] >= 10
+    assert run_train(lake, later) == 0
+    decision = registry.decision(later)
+    assert decision["outcome"] == R.REFUSED and decision["champion"] == champion
+    assert decision["evidence"]["validation_week"] == 0 and decision["evidence"]["training_window"] >= 10
+    assert "refused: no evidence (0 fraud labels in the validation week" in decision["reason"]
+    assert registry.champion_as_of(later)["version"] == champion
+
+
 def test_sequence_model_uses_the_cards_earlier_feature_rows(lake):
     publish(lake, days=8)
     target_day = FIRST + timedelta(days=7)
-    frame, history = read_with_history(lake, [target_day], k=5, lookback_days=7, first_date=FIRST)
+    frame, history = read_for_model(lake, [target_day], ModelConfig(kind="seq", seq_len=5, lookback_days=7), CAL)
     earlier = read_features(lake, [FIRST + timedelta(days=i) for i in range(7)])
     pool_card = np.concatenate([earlier.card, frame.card])
     pool_time = np.concatenate([earlier.time_us, frame.time_us])
@@ -181,7 +224,7 @@ def test_sequence_model_uses_the_cards_earlier_feature_rows(lake):
     assert version["train_day"] == "2018-04-16"  # not a training day: registered, no decision
     assert R.Registry(lake).decision(date(2018, 4, 16)) is None
     loaded = load_version(R.Registry(lake).read_file(version["version"], R.CHECKPOINT), version["version"])
-    frame, history = read_for_model(lake, [target_day], loaded.config, FIRST)
+    frame, history = read_for_model(lake, [target_day], loaded.config, CAL)
     scores = predict(loaded, frame, history)
     assert scores.shape == (len(frame),) and np.isfinite(scores).all()
     program = torch.export.load(io.BytesIO(R.Registry(lake).read_file(version["version"], R.EXPORT))).module()
@@ -204,6 +247,11 @@ def _frame(rows: list[tuple]) -> FeatureFrame:
                         ids.astype(np.int64), terminals.astype(np.int64))
 
 
+def inline(frame: FeatureFrame, delay_days: int = 7) -> LabelEvents:
+    """The frame's labels as inline events: each reported the delay after its transaction."""
+    return LabelEvents(frame.txid, frame.time_us + delay_days * MICROS_PER_DAY, frame.label)
+
+
 def test_terminal_history_holds_only_matured_rows_of_the_same_terminal_oldest_first():
     us, day = 1, MICROS_PER_DAY
     t = 20 * day  # the scored transaction's time; the delay bound is t - 7 days, inclusive
@@ -217,7 +265,7 @@ def test_terminal_history_holds_only_matured_rows_of_the_same_terminal_oldest_fi
         (7, t, 5, 99.0, 1),  # the scored row itself
     ])
     target = _frame([(7, t, 5, 99.0, 1), (8, t - 2 * day, 5, 1.0, 0), (9, t, 7, 1.0, 0)])
-    hist = build_terminal_history(target, TerminalRows.of_frame(pool), k=3, delay_days=7)
+    hist = build_terminal_history(target, TerminalRows.of_frame(pool), k=3, delay_days=7, events=inline(pool))
     assert hist.shape == (3, 3, TERMINAL_STEP)
     label, log_amount, ratio, age, present = (hist[..., i] for i in range(TERMINAL_STEP))
     # row 7: the last three matured rows of terminal 5 are ids 2, 3, 4 (oldest first)
@@ -247,14 +295,14 @@ def test_history_lookups_agree_with_the_three_key_sort_used_when_codes_would_ove
                             rng.integers(first_terminal, 4_000, n))
 
     pool, target = frame(20_000, 0, 0, 100), frame(3_000, 10**6, 10, 0)  # some target terminals have no rows
-    fast = (D.build_history(target, pool, 5), D.build_terminal_history(target, TerminalRows.of_frame(pool), 5, 7))
+    fast = (D.build_history(target, pool, 5), D.build_terminal_history(target, TerminalRows.of_frame(pool), 5, 7, inline(pool)))
 
     def three_keys(key, time, txid):
         order = np.lexsort((txid, time, key))
         return D.KeyTimeOrder(order, key[order], time[order], None)
 
     monkeypatch.setattr(D, "order_by_key_time", three_keys)
-    slow = (D.build_history(target, pool, 5), D.build_terminal_history(target, TerminalRows.of_frame(pool), 5, 7))
+    slow = (D.build_history(target, pool, 5), D.build_terminal_history(target, TerminalRows.of_frame(pool), 5, 7, inline(pool)))
     assert np.array_equal(fast[0].prev, slow[0].prev) and np.array_equal(fast[0].gap_days, slow[0].gap_days)
     assert np.array_equal(fast[1], slow[1])
     assert 0 < fast[1][..., 4].mean() < 1  # some rows have fewer than 5 matured terminal rows

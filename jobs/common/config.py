@@ -35,6 +35,8 @@ class Settings:
     first_date: date
     label_delay_days: int
     label_lookback_days: int
+    label_feed: bool
+    min_fraud_labels: int
     train_every_days: int
     train_window_days: int
     model: str
@@ -52,6 +54,8 @@ ENV_DOC = {
     "FRAUD_FIRST_DATE": "the pipeline's first date, anchor of the training schedule (default 2018-04-01)",
     "FRAUD_LABEL_DELAY_DAYS": "days after its transaction that a label may be used (default 7: the calendar's root offset)",
     "FRAUD_LABEL_LOOKBACK_DAYS": "a label event must name a clean transaction of this many days before it (default 120)",
+    "FRAUD_LABEL_FEED": "on (default): every day has a landing/labels partition to wait for; off: inline labels only",
+    "FRAUD_MIN_FRAUD_LABELS": "fewest fraud labels a training window or validation week needs to promote (default 10)",
     "FRAUD_TRAIN_EVERY_DAYS": "days between training days (default 7)",
     "FRAUD_TRAIN_WINDOW_DAYS": "length of the labelled training window in days (default 21, chosen on validation folds)",
     "FRAUD_MODEL": "model kind trained by default: seq (card and terminal history, default) or mlp",
@@ -78,6 +82,8 @@ def settings() -> Settings:
         first_date=date.fromisoformat(_env("FRAUD_FIRST_DATE", "2018-04-01")),
         label_delay_days=int(_env("FRAUD_LABEL_DELAY_DAYS", "7")),
         label_lookback_days=int(_env("FRAUD_LABEL_LOOKBACK_DAYS", "120")),
+        label_feed=_env("FRAUD_LABEL_FEED", "on").lower() not in ("off", "0", "false", "no", "none"),
+        min_fraud_labels=int(_env("FRAUD_MIN_FRAUD_LABELS", "10")),
         train_every_days=int(_env("FRAUD_TRAIN_EVERY_DAYS", "7")),
         train_window_days=int(_env("FRAUD_TRAIN_WINDOW_DAYS", "21")),
         model=_env("FRAUD_MODEL", "seq"),

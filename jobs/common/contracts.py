@@ -53,8 +53,12 @@ def _offset(cal: Calendar, offset: str | int, window_days: int | None) -> int:
 
 CLEAN = Step(
     "clean",
-    reads=(Read(Dataset.LANDING, 0),),
-    writes=(Dataset.CLEAN, Dataset.QUARANTINE),
+    reads=(
+        Read(Dataset.LANDING, 0),
+        Read(Dataset.LANDING_LABELS, 0),  # waited for only with the label feed on (FRAUD_LABEL_FEED)
+        Read(Dataset.CLEAN, "label_lookback_days", 1),  # a label event must name a known transaction
+    ),
+    writes=(Dataset.CLEAN, Dataset.QUARANTINE, Dataset.CLEAN_LABELS, Dataset.QUARANTINE_LABELS),
 )
 QUALITY_GATE = Step(
     "quality_gate",
@@ -63,19 +67,31 @@ QUALITY_GATE = Step(
 )
 FEATURES = Step(
     "features",
-    reads=(Read(Dataset.CLEAN, "feature_history_days"),),
+    reads=(
+        Read(Dataset.CLEAN, "feature_history_days"),  # the rows, and their inline labels
+        Read(Dataset.CLEAN_LABELS, "feature_history_days"),  # label events that arrived in the window
+    ),
     writes=(Dataset.FEATURES,),
 )
 TRAIN = Step(
     "train",
-    # the windows ending T-8 and T-15 and the model history before them
-    reads=(Read(Dataset.FEATURES, "training_reach", "last_labelled_offset"),),
+    # the windows ending T-8 and T-15 and the model history before them; their labels as of T
+    reads=(
+        Read(Dataset.FEATURES, "training_reach", "last_labelled_offset"),
+        Read(Dataset.CLEAN, "training_reach", "last_labelled_offset"),
+        Read(Dataset.CLEAN_LABELS, "training_reach", 1),
+    ),
     writes=(Dataset.MODELS,),
     decision="previous",
 )
 SCORE = Step(
     "score",
-    reads=(Read(Dataset.FEATURES, "model_history_days"),),
+    reads=(
+        Read(Dataset.FEATURES, "model_history_days"),
+        # the labels of the terminal rows the model sees, as of each scored transaction
+        Read(Dataset.CLEAN, "model_history_days", "label_delay_days"),
+        Read(Dataset.CLEAN_LABELS, "model_history_days"),
+    ),
     writes=(Dataset.SCORES, Dataset.ALERTS),
     decision="latest",
 )
@@ -84,6 +100,8 @@ REPORT = Step(
     reads=(
         Read(Dataset.CLEAN, "report_history_days", required=False),
         Read(Dataset.QUARANTINE, 0, required=False),
+        Read(Dataset.CLEAN_LABELS, "report_history_days", 1, required=False),
+        Read(Dataset.QUARANTINE_LABELS, 0, required=False),
         Read(Dataset.FEATURES, 0, required=False),
         Read(Dataset.SCORES, "report_history_days", "last_labelled_offset", required=False),
         Read(Dataset.SCORES, 0, required=False),

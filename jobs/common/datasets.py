@@ -9,8 +9,11 @@ class Dataset:
     """Dataset folders under the root. Use these names, never literal paths."""
 
     LANDING = "landing/transactions"
+    LANDING_LABELS = "landing/labels"
     CLEAN = "clean/transactions"
     QUARANTINE = "quarantine/transactions"
+    CLEAN_LABELS = "clean/labels"
+    QUARANTINE_LABELS = "quarantine/labels"
     FEATURES = "features/transactions"
     MODELS = "models"
     SCORES = "scores/transactions"

@@ -262,13 +262,14 @@ class Lake:
                     raise
 
     # --- landing (written by the source) -------------------------------------------------------
-    def landing_ready(self, day: date) -> bool:
+    # ``dataset`` is landing/transactions (the default) or landing/labels; both follow the same rules.
+    def landing_ready(self, day: date, dataset: str = Dataset.LANDING) -> bool:
         """The source has finished day D: its ``_SUCCESS`` marker exists."""
-        return self.exists(posixpath.join(self.partition_path(Dataset.LANDING, day), SUCCESS))
+        return self.exists(posixpath.join(self.partition_path(dataset, day), SUCCESS))
 
-    def landing_files(self, day: date) -> list[pafs.FileInfo]:
+    def landing_files(self, day: date, dataset: str = Dataset.LANDING) -> list[pafs.FileInfo]:
         """Data files of landing day D (``*.parquet`` / ``*.csv``), hidden names skipped."""
-        folder = self.partition_path(Dataset.LANDING, day)
+        folder = self.partition_path(dataset, day)
         return [
             info
             for info in self.list_dir(folder)
@@ -277,9 +278,10 @@ class Lake:
             and info.base_name.lower().endswith((".parquet", ".csv"))
         ]
 
-    def write_landing(self, day: date, table: pa.Table, fmt: str = "parquet", name: str = "part-00000") -> str:
+    def write_landing(self, day: date, table: pa.Table, fmt: str = "parquet", name: str = "part-00000",
+                      dataset: str = Dataset.LANDING) -> str:
         """Write one landing file for day D (as a source system would). Does not mark it done."""
-        folder = self.partition_path(Dataset.LANDING, day)
+        folder = self.partition_path(dataset, day)
         self.fs.create_dir(folder, recursive=True)
         if fmt == "parquet":
             target = posixpath.join(folder, f"{name}.parquet")
@@ -294,14 +296,14 @@ class Lake:
         self.write_bytes(target, buf.getvalue())
         return target
 
-    def unmark_landing_done(self, day: date) -> None:
+    def unmark_landing_done(self, day: date, dataset: str = Dataset.LANDING) -> None:
         """Withdraw day D's ``_SUCCESS`` before its landing files are rewritten."""
-        path = posixpath.join(self.partition_path(Dataset.LANDING, day), SUCCESS)
+        path = posixpath.join(self.partition_path(dataset, day), SUCCESS)
         if self.exists(path):
             self.fs.delete_file(path)
 
-    def mark_landing_done(self, day: date) -> None:
-        self.write_bytes(posixpath.join(self.partition_path(Dataset.LANDING, day), SUCCESS), b"")
+    def mark_landing_done(self, day: date, dataset: str = Dataset.LANDING) -> None:
+        self.write_bytes(posixpath.join(self.partition_path(dataset, day), SUCCESS), b"")
 
     # --- published partitions ------------------------------------------------------------------
     def manifest(self, dataset: str, day: date) -> dict | None:
@@ -437,13 +439,14 @@ class Lake:
             out.append(file_record(f["name"], data, f.get("rows")))
         return out
 
-    def landing_digest(self, day: date) -> str | None:
+    def landing_digest(self, day: date, dataset: str = Dataset.LANDING) -> str | None:
         """What identifies a landing day as delivered: its data files' names, sizes and modification
         times, once ``_SUCCESS`` is there (None before). A re-delivered file changes it."""
-        if not self.landing_ready(day):
+        if not self.landing_ready(day, dataset):
             return None
         listing = [
-            [i.base_name, i.size, int(i.mtime.timestamp() * 1e6) if i.mtime else None] for i in self.landing_files(day)
+            [i.base_name, i.size, int(i.mtime.timestamp() * 1e6) if i.mtime else None]
+            for i in self.landing_files(day, dataset)
         ]
         return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 

@@ -19,6 +19,7 @@ from jobs.common.contracts import step
 from jobs.common.lake import Dataset, Lake, NotPublished
 
 CHAMPION = "models/champion"  # pseudo-dataset: the version that is champion as of a date
+LANDING = (Dataset.LANDING, Dataset.LANDING_LABELS)  # written by sources: named by their delivered files
 
 
 @functools.cache
@@ -43,8 +44,8 @@ def _python_files(folder, prefix: str) -> Iterable[tuple[str, bytes]]:
 
 def input_record(lake: Lake, dataset: str, day: date, manifest: dict | None = None) -> dict:
     """One input as lineage names it; ``digest`` None when the partition is not published."""
-    if dataset == Dataset.LANDING:
-        digest = lake.landing_digest(day)
+    if dataset in LANDING:
+        digest = lake.landing_digest(day, dataset)
     else:
         digest = lake.digest(dataset, day, manifest)
     return {"dataset": dataset, "date": day.isoformat(), "digest": digest}

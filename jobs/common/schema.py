@@ -70,6 +70,49 @@ class QuarantineReason:
     )
 
 
+# --- label events (docs/contract.md, "Labels as events") -------------------------------------------
+REPORTED_AT = "REPORTED_AT"
+RAW_LABEL_SCHEMA = pa.schema(
+    [
+        pa.field("TRANSACTION_ID", pa.int64(), nullable=False),
+        pa.field("TX_FRAUD", pa.int32(), nullable=False),  # 1 reports a fraud, 0 clears an earlier report
+        pa.field(REPORTED_AT, TIMESTAMP, nullable=False),  # within the landing day it arrived on
+    ]
+)
+RAW_LABEL_COLUMNS: tuple[str, ...] = tuple(RAW_LABEL_SCHEMA.names)
+# clean/labels/date=A: the valid events that arrived on A, with the transaction they name
+LABEL_EVENT_SCHEMA = pa.schema(
+    [
+        *RAW_LABEL_SCHEMA,
+        pa.field("TX_DATETIME", TIMESTAMP, nullable=False),
+        pa.field("CUSTOMER_ID", pa.int64(), nullable=False),
+        pa.field("TERMINAL_ID", pa.int64(), nullable=False),
+    ]
+)
+LABEL_QUARANTINE_SCHEMA = pa.schema(
+    [pa.field(name, pa.string(), nullable=True) for name in RAW_LABEL_COLUMNS]
+    + [
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("source_file", pa.string(), nullable=True),
+    ]
+)
+
+
+class LabelQuarantineReason:
+    """Why a label event is rejected (the ``reason`` column of ``quarantine/labels``)."""
+
+    NULL_REQUIRED = "null_required_field"
+    BAD_NUMBER = "unparseable_number"
+    BAD_TIMESTAMP = "unparseable_timestamp"
+    BAD_LABEL = "label_not_0_1"
+    OUTSIDE_DAY = "reported_outside_day"
+    UNKNOWN_TRANSACTION = "transaction_not_found"
+    BEFORE_TRANSACTION = "reported_before_transaction"
+
+    ALL = (NULL_REQUIRED, BAD_NUMBER, BAD_TIMESTAMP, BAD_LABEL, OUTSIDE_DAY, UNKNOWN_TRANSACTION,
+           BEFORE_TRANSACTION)
+
+
 # --- features (docs/contract.md, "Features") --------------------------------------------------------------------------
 
 
@@ -109,8 +152,7 @@ FEATURE_SCHEMA = pa.schema(
         pa.field(name, pa.int32() if name in _INTEGER_FEATURES else pa.float64(), nullable=False)
         for name in COMPUTED_FEATURES
     ]
-    + [RAW_SCHEMA.field(LABEL)]
-)
+)  # no label: a later event could change it (docs/contract.md, "Labels as events")
 
 
 def schema_fingerprint(schema: pa.Schema) -> str:

@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from jobs.common.calendar import parse_day
 from jobs.common.config import settings
-from jobs.common.lake import parse_day
 from jobs.datagen.landing import FORMATS, generate_to_lake
 
 
@@ -27,6 +27,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--format", choices=FORMATS, default="parquet", help="landing file format (default parquet)"
     )
+    parser.add_argument("--label-delay", default="fixed:7",
+                        help="when labels are reported: fixed:N days after the transaction, or realistic "
+                             "(docs/contract.md, 'Labels as events'; default fixed:7)")
+    parser.add_argument("--labels", choices=("inline", "feed"), default=None,
+                        help="labels inline in the transactions (default for fixed:7) or as label events only")
     args = parser.parse_args(argv)
     for name in ("days", "customers", "terminals"):
         if getattr(args, name) < 1:
@@ -40,12 +45,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     summary = generate_to_lake(
-        args.lake, args.start, args.days, args.customers, args.terminals, args.seed, fmt=args.format
+        args.lake, args.start, args.days, args.customers, args.terminals, args.seed, fmt=args.format,
+        label_delay=args.label_delay, labels=args.labels,
     )
     print(
         f"datagen: {summary['days']} days ({summary['start']}..{summary['end']}), {summary['rows']} rows, "
         f"{summary['frauds']} frauds ({summary['fraud_share']:.3%}; scenario 1/2/3: "
         f"{'/'.join(str(v) for v in summary['frauds_by_scenario'].values())}), "
+        f"labels {summary['labels']} ({summary['label_delay']}, {summary['label_events']} feed events), "
         f"{summary['seconds']:.1f} s -> {summary['lake']}"
     )
     return 0

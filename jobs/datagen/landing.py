@@ -8,8 +8,11 @@ from datetime import date
 import numpy as np
 import pyarrow as pa
 
-from jobs.common.lake import Lake, parse_day
-from jobs.common.schema import RAW_SCHEMA
+from jobs.common.calendar import epoch_day, parse_day
+from jobs.common.datasets import Dataset
+from jobs.common.lake import Lake
+from jobs.common.schema import RAW_LABEL_SCHEMA, RAW_SCHEMA
+from jobs.datagen.labels import LabelDelay, by_report_day, events_of_day
 from jobs.datagen.simulator import generate
 
 FORMATS = ("parquet", "csv")
@@ -20,14 +23,18 @@ CSV_SCHEMA = pa.schema(
 )
 
 
-def _write_day(lake: Lake, day: date, table: pa.Table, fmt: str) -> None:
+def _write_day(lake: Lake, day: date, table: pa.Table, fmt: str, dataset: str = Dataset.LANDING) -> None:
     """Withdraw _SUCCESS, write one data file, remove stale files of an earlier run, mark done."""
-    lake.unmark_landing_done(day)
-    written = lake.write_landing(day, table.cast(CSV_SCHEMA) if fmt == "csv" else table, fmt, LANDING_FILE)
-    for info in lake.landing_files(day):
+    lake.unmark_landing_done(day, dataset)
+    if fmt == "csv" and "TX_DATETIME" in table.column_names:
+        table = table.cast(CSV_SCHEMA)
+    elif fmt == "csv":  # label events: whole seconds too
+        table = table.set_column(2, "REPORTED_AT", table.column("REPORTED_AT").cast(pa.timestamp("s")))
+    written = lake.write_landing(day, table, fmt, LANDING_FILE, dataset)
+    for info in lake.landing_files(day, dataset):
         if info.path != written:
             lake.fs.delete_file(info.path)
-    lake.mark_landing_done(day)
+    lake.mark_landing_done(day, dataset)
 
 
 def generate_to_lake(
@@ -38,14 +45,25 @@ def generate_to_lake(
     terminals: int,
     seed: int,
     fmt: str = "parquet",
+    label_delay: str = "fixed:7",
+    labels: str | None = None,
 ) -> dict:
     """Generate ``days`` days from ``start`` into landing, one partition a day; return a summary.
 
-    Each day's file is written before its ``_SUCCESS`` marker. The data depends only on the
-    arguments; the summary's ``seconds`` is the one run fact.
+    Each day's transactions and its label events (``landing/labels``: those reported that day,
+    whichever day their transactions are from; a day without any is an empty partition) are
+    written before their ``_SUCCESS`` markers. ``labels`` is ``inline`` (in the transaction rows,
+    the default for ``fixed:7``) or ``feed`` (label events only, the default otherwise). The data
+    depends only on the arguments; the summary's ``seconds`` is the one run fact.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    delay = LabelDelay.parse(label_delay)
+    labels = labels or ("inline" if str(delay) == "fixed:7" else "feed")
+    if labels not in ("inline", "feed"):
+        raise ValueError(f"labels must be inline or feed, got {labels!r}")
+    if labels == "inline" and str(delay) != "fixed:7":
+        raise ValueError("inline labels count as reported 7 days after the transaction: use --label-delay fixed:7")
     if days < 1 or customers < 1 or terminals < 1:
         raise ValueError("days, customers and terminals must be positive")
     lake = Lake.from_uri(lake) if isinstance(lake, str) else lake
@@ -54,8 +72,19 @@ def generate_to_lake(
     rows = 0
     by_scenario = np.zeros(4, dtype=np.int64)
     last = start
+    pending: dict[int, list[pa.Table]] = {}
+    events = 0
     for day, table in generate(customers, terminals, start, days, seed):
+        if labels == "feed":
+            for report_day, part in by_report_day(events_of_day(table, delay, seed, day)).items():
+                pending.setdefault(report_day, []).append(part)
+            table = table.set_column(5, "TX_FRAUD", pa.nulls(table.num_rows, pa.int32()))
         _write_day(lake, day, table, fmt)
+        arrived = pending.pop(epoch_day(day), [])
+        day_events = pa.concat_tables(arrived) if arrived else RAW_LABEL_SCHEMA.empty_table()
+        day_events = day_events.sort_by([("REPORTED_AT", "ascending"), ("TRANSACTION_ID", "ascending")])
+        _write_day(lake, day, day_events, fmt, Dataset.LANDING_LABELS)
+        events += day_events.num_rows
         rows += table.num_rows
         by_scenario += np.bincount(table["TX_FRAUD_SCENARIO"].to_numpy(), minlength=4)[:4]
         last = day
@@ -70,5 +99,8 @@ def generate_to_lake(
         "fraud_share": frauds / rows if rows else 0.0,
         "frauds_by_scenario": {str(s): int(by_scenario[s]) for s in (1, 2, 3)},
         "format": fmt,
+        "label_delay": str(delay),
+        "labels": labels,
+        "label_events": events,
         "seconds": round(time.perf_counter() - began, 3),
     }

@@ -39,28 +39,21 @@ the range, so it can be rerun from the first day named).
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import posixpath
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import date
-from functools import partial, reduce
+from functools import reduce
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-from pyspark import StorageLevel, cloudpickle
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from jobs.common.calendar import epoch_day, from_epoch_day
 from jobs.common.cli import EXIT_OK, day_parser, not_done, parse_days
+from jobs.common.config import settings
 from jobs.common.lake import Attempt, Dataset, Lake
-from jobs.common.provenance import input_record, lineage
+from jobs.common.provenance import lineage
 from jobs.common.schema import (
     CLEAN_SCHEMA,
     KEY,
@@ -71,17 +64,30 @@ from jobs.common.schema import (
     REQUIRED_RAW_COLUMNS,
     QuarantineReason,
 )
-from jobs.spark import day_files
+from jobs.spark import labels
+from jobs.spark.landing import (
+    DAY,
+    RAW,
+    REASON,
+    SOURCE_FILE,
+    CleanError,
+    LandingDay,
+    Source,
+    days_label,
+    first_line,
+    inspect_landing,
+    is_blank,
+    is_unparsed,
+    publish_days,
+    read_landing,
+    typed,
+    write_partitions,
+)
 from jobs.spark.session import get_spark, spark_schema
 
-cloudpickle.register_pickle_by_value(day_files)  # the workers write the files: no repository needed there
-
 STEP = "clean"
-SOURCE_FILE = "source_file"
-REASON = "reason"
 OUTCOME = "outcome"
-RAW = "raw"  # struct of the original string values
-DAY = "date"  # the landing day of a row
+TRANSACTIONS = Source(Dataset.LANDING, RAW_COLUMNS, REQUIRED_RAW_COLUMNS)
 
 # Where each landing row ends up (the ``outcome`` column).
 CLEAN = "clean"
@@ -89,10 +95,6 @@ QUARANTINED = "quarantined"
 COLLAPSED = "collapsed"
 LABEL_UPDATE = "label_update"
 
-RAW_STRING_SCHEMA = T.StructType(
-    [T.StructField(name, T.StringType(), True) for name in RAW_COLUMNS]
-    + [T.StructField(SOURCE_FILE, T.StringType(), True)]
-)
 CLEAN_SPARK_SCHEMA = spark_schema(CLEAN_SCHEMA)
 LABEL_COLUMNS = OPTIONAL_RAW_COLUMNS  # TX_FRAUD and TX_FRAUD_SCENARIO: filled in when confirmed
 TIMESTAMP_COLUMN = "TX_DATETIME"
@@ -101,166 +103,8 @@ INTEGER_COLUMNS = tuple(
     f.name for f in CLEAN_SPARK_SCHEMA if isinstance(f.dataType, T.LongType | T.IntegerType)
 )
 NUMBER_COLUMNS = (*INTEGER_COLUMNS, AMOUNT_COLUMN)
-# ISO-8601 date and time (seconds, fraction and zone optional); Spark's cast alone would also take
-# "2018" or a bare date and make a midnight of it.
-ISO_TIMESTAMP = r"^\d{4}-\d{2}-\d{2}[T ]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)?$"
-CSV_HEADER_BYTES = 1 << 16
 CLEAN_ORDER = (TIMESTAMP_COLUMN, KEY)  # row order within a clean file
 QUARANTINE_ORDER = (SOURCE_FILE, *RAW_COLUMNS, REASON)
-
-
-class CleanError(RuntimeError):
-    """The day cannot be cleaned as delivered; nothing was published for it."""
-
-
-# --- reading ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LandingFile:
-    """One data file of a landing day, as inspected on the driver before Spark reads it."""
-
-    path: str  # file-system path (what ``lake.fs`` takes)
-    uri: str  # file:// or s3:// (what ``source_file`` holds)
-    spark_uri: str  # file:// or s3a:// (what Spark reads)
-    fmt: str  # "csv" or "parquet"
-    names: tuple[str, ...]  # header / column names; () for a 0-byte CSV (no header, no rows)
-    layout: tuple[str, ...]  # names and types: files with equal layouts are read by one scan
-
-
-@dataclass(frozen=True)
-class LandingDay:
-    day: date
-    files: tuple[LandingFile, ...]
-    source: dict  # the landing day as lineage names it (its digest: the delivered files)
-
-
-def inspect_landing(lake: Lake, day: date) -> LandingDay:
-    """Check landing day D on the driver: marker, readable headers / footers, required columns.
-
-    Everything that makes a day bad as delivered is found here, before any Spark job, so a range
-    run knows its bad day up front. Raises :class:`CleanError`.
-    """
-    folder = lake.to_uri(lake.partition_path(Dataset.LANDING, day))
-    if not lake.landing_ready(day):
-        raise CleanError(f"landing day {day} is not complete: no _SUCCESS marker in {folder}")
-    files = []
-    for info in lake.landing_files(day):
-        uri = lake.to_uri(info.path)
-        if info.base_name.lower().endswith(".csv"):
-            fmt, names = "csv", tuple(_csv_header(lake, info.path))
-            layout = names
-        else:
-            try:
-                schema = pq.ParquetFile(info.path, filesystem=lake.fs).schema_arrow
-            except Exception as exc:
-                raise CleanError(f"cannot read Parquet file {uri}: {_first_line(exc)}") from exc
-            fmt, names = "parquet", tuple(schema.names)
-            layout = tuple(f"{f.name}:{f.type}" for f in schema)
-        if names:
-            _match_columns(names, uri)
-        files.append(LandingFile(info.path, uri, lake.to_spark_uri(info.path), fmt, names, layout))
-    return LandingDay(day, tuple(files), input_record(lake, Dataset.LANDING, day))
-
-
-def read_landing(spark: SparkSession, days: Sequence[LandingDay]) -> DataFrame:
-    """All rows of the landing days as strings (RAW columns + ``source_file``) plus their ``date``.
-
-    Files of the same format and layout are read by one scan whatever their day (Spark names the
-    file each row comes from, which gives back its day and URI), so a range of days costs a
-    handful of scans, not one per file.
-    """
-    groups: dict[tuple[str, tuple[str, ...]], list[tuple[date, LandingFile]]] = {}
-    for landing in days:
-        for f in landing.files:
-            if f.names:  # a 0-byte CSV has no rows
-                groups.setdefault((f.fmt, f.layout), []).append((landing.day, f))
-    empty = spark.createDataFrame([], RAW_STRING_SCHEMA).withColumn(DAY, F.lit(None).cast(T.DateType()))
-    frames = [_read_group(spark, members) for members in groups.values()]
-    return reduce(DataFrame.unionByName, frames) if frames else empty
-
-
-def _read_group(spark: SparkSession, members: list[tuple[date, LandingFile]]) -> DataFrame:
-    first = members[0][1]
-    paths = [f.spark_uri for _, f in members]
-    if first.fmt == "csv":
-        positional = T.StructType(
-            [T.StructField(f"_c{i}", T.StringType(), True) for i in range(len(first.names))]
-        )
-        frame = (
-            spark.read.schema(positional)
-            .option("header", True)  # every file's own first line is its header
-            .option("enforceSchema", True)  # the schema *is* the header, by position
-            .option("mode", "PERMISSIVE")
-            .csv(paths)
-        )
-        columns = positional.names
-    else:
-        try:
-            frame = spark.read.parquet(*paths)
-        except Exception as exc:
-            raise CleanError(f"cannot read Parquet file {first.uri}: {_first_line(exc)}") from exc
-        columns = list(first.names)
-    position = _match_columns(first.names, first.uri)
-    source, day = _file_of_row(members)
-    return frame.select(
-        *[
-            F.col(_quoted(columns[position[name]])).cast("string").alias(name)
-            if name in position
-            else F.lit(None).cast("string").alias(name)
-            for name in RAW_COLUMNS
-        ],
-        source.alias(SOURCE_FILE),
-        day.alias(DAY),
-    )
-
-
-def _file_of_row(members: list[tuple[date, LandingFile]]) -> tuple[Column, Column]:
-    """The landing URI and day of the file a row was read from (a failing job if Spark names another)."""
-    by_path = F.create_map(
-        *[
-            x
-            for day, f in members
-            for x in (F.lit(f.path.lstrip("/")), F.struct(F.lit(f.uri).alias("uri"), F.lit(day).alias("day")))
-        ]
-    )
-    spark_path = F.col("_metadata.file_path")
-    # Spark names files as URIs (file:/p, file:///p, s3a://bucket/key), possibly %-encoded.
-    found = F.coalesce(by_path[_strip_scheme(spark_path)], by_path[_strip_scheme(F.url_decode(spark_path))])
-    unknown = F.raise_error(F.concat(F.lit("clean: Spark read a file it was not given: "), spark_path))
-    return F.coalesce(found["uri"], unknown), found["day"]
-
-
-def _strip_scheme(path: Column) -> Column:
-    return F.regexp_replace(path, r"^[A-Za-z][A-Za-z0-9+.\-]*:/*", "")
-
-
-def _quoted(name: str) -> str:
-    return "`" + name.replace("`", "``") + "`"
-
-
-def _csv_header(lake: Lake, fs_path: str) -> list[str]:
-    with lake.fs.open_input_stream(fs_path) as f:
-        head = f.read(CSV_HEADER_BYTES).decode("utf-8-sig", errors="replace")
-    return [name.strip() for name in next(csv.reader(io.StringIO(head)), [])]
-
-
-def _match_columns(names: Sequence[str], uri: str) -> dict[str, int]:
-    """RAW column -> position of the file's column of that name (any case); others are ignored."""
-    matched = {}
-    for column in RAW_COLUMNS:
-        found = [i for i, name in enumerate(names) if name.lower() == column.lower()]
-        if len(found) > 1:
-            spelled = ", ".join(names[i] for i in found)
-            raise CleanError(f"column {column} appears more than once ({spelled}) in {uri}")
-        if found:
-            matched[column] = found[0]
-        elif column in REQUIRED_RAW_COLUMNS:
-            raise CleanError(f"required column {column} is missing from {uri} (columns: {', '.join(names)})")
-    return matched
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- transforms ---------------------------------------------------------------------------------
@@ -270,34 +114,8 @@ def type_rows(raw: DataFrame) -> DataFrame:
         F.struct(*RAW_COLUMNS).alias(RAW),
         F.col(SOURCE_FILE),
         F.col(DAY),
-        *[_typed(field).alias(field.name) for field in CLEAN_SPARK_SCHEMA],
+        *[typed(field).alias(field.name) for field in CLEAN_SPARK_SCHEMA],
     )
-
-
-def _typed(field: T.StructField) -> Column:
-    text = F.trim(F.col(field.name))
-    if isinstance(field.dataType, T.TimestampNTZType):
-        # Through a zoned timestamp so that an explicit offset is honoured; the session time zone is
-        # UTC (jobs.spark.session), so a naive value keeps its wall-clock time.
-        is_iso = text.rlike(ISO_TIMESTAMP)
-        return F.when(is_iso, text.try_cast(T.TimestampType()).cast(T.TimestampNTZType()))
-    if isinstance(field.dataType, T.LongType | T.IntegerType):
-        # "12" or a whole number written as a decimal ("12.0", as pandas writes a column with gaps).
-        as_decimal = text.try_cast(T.DecimalType(38, 9))
-        is_whole = as_decimal == F.floor(as_decimal)
-        return F.coalesce(
-            text.try_cast(field.dataType), F.when(is_whole, as_decimal.try_cast(field.dataType))
-        )
-    return text.try_cast(field.dataType)
-
-
-def _is_blank(name: str) -> Column:
-    value = F.col(f"{RAW}.{name}")
-    return value.isNull() | (F.trim(value) == "")
-
-
-def _is_unparsed(name: str) -> Column:
-    return ~_is_blank(name) & F.col(name).isNull()
 
 
 def classify(typed: DataFrame) -> DataFrame:
@@ -307,9 +125,9 @@ def classify(typed: DataFrame) -> DataFrame:
     """
     amount = F.col(AMOUNT_COLUMN)
     label = F.col(LABEL)
-    has_null_required = reduce(Column.__or__, [_is_blank(name) for name in REQUIRED_RAW_COLUMNS])
-    has_bad_number = reduce(Column.__or__, [_is_unparsed(name) for name in NUMBER_COLUMNS])
-    has_bad_timestamp = _is_unparsed(TIMESTAMP_COLUMN)
+    has_null_required = reduce(Column.__or__, [is_blank(name) for name in REQUIRED_RAW_COLUMNS])
+    has_bad_number = reduce(Column.__or__, [is_unparsed(name) for name in NUMBER_COLUMNS])
+    has_bad_timestamp = is_unparsed(TIMESTAMP_COLUMN)
     is_non_finite_amount = F.isnan(amount) | (F.abs(amount) == float("inf"))
     is_negative_amount = amount < 0
     is_outside_day = F.to_date(F.col(TIMESTAMP_COLUMN)) != F.col(DAY)
@@ -400,47 +218,12 @@ def batch_stats(resolved: DataFrame, days: Sequence[LandingDay]) -> dict[date, d
     by_day: dict[date, list[Row]] = {landing.day: [] for landing in days}
     for row in rows:
         if row[DAY] not in by_day:
-            raise CleanError(f"rows of an unexpected day {row[DAY]} (landing files of {_days(days)})")
+            raise CleanError(f"rows of an unexpected day {row[DAY]} (landing files of {days_label(days)})")
         by_day[row[DAY]].append(row)
     return {landing.day: day_stats(by_day[landing.day], len(landing.files)) for landing in days}
 
 
 # --- writing and publishing ------------------------------------------------------------------------
-def write_partitions(
-    lake: Lake, frame: DataFrame, attempts: dict[date, Attempt], order: Sequence[str], schema: pa.Schema
-) -> dict[date, list[dict]]:
-    """Write every day of ``frame`` into its own attempt folder in one Spark job (one file a day).
-
-    Rows are hash-partitioned by day and sorted within partitions by day, then ``order``; each task
-    writes its days' files itself (``jobs.spark.day_files``, pyarrow through the lake's file
-    system: no rename, so the same on S3). A day without rows gets an empty file with the schema.
-    Returns each day's file records for ``Lake.publish``; nothing is visible until then.
-    """
-    folders = {epoch_day(day): attempt.path for day, attempt in attempts.items()}
-    writer = partial(day_files.write_grouped_days, schema=schema, day_column=DAY, folders=folders,
-                     filesystem=lake.fs)
-    records = (
-        _one_partition_a_day(frame, len(attempts))
-        .sortWithinPartitions(DAY, *order)
-        .mapInArrow(writer, spark_schema(day_files.RECORD_SCHEMA))
-        .collect()
-    )
-    written: dict[date, list[dict]] = {day: [] for day in attempts}
-    for record in records:
-        day = from_epoch_day(record["day"])
-        written[day].append({"name": posixpath.basename(record["path"]), "rows": record["rows"],
-                             "bytes": record["bytes"], "sha256": record["sha256"]})
-    for day, attempt in attempts.items():
-        if not written[day]:
-            written[day] = [lake.write_parquet(attempt, schema.empty_table())]
-    return written
-
-
-def _one_partition_a_day(frame: DataFrame, days: int) -> DataFrame:
-    """Every day's rows in one partition: no shuffle for one day, a hash shuffle by day for more."""
-    return frame.coalesce(1) if days == 1 else frame.repartition(days, DAY)
-
-
 def clean_batch(spark: SparkSession, lake: Lake, days: Sequence[LandingDay]) -> tuple[int, Exception | None]:
     """Clean inspected landing days together and publish them in date order.
 
@@ -450,7 +233,7 @@ def clean_batch(spark: SparkSession, lake: Lake, days: Sequence[LandingDay]) -> 
     failed and its error (the attempts of the days not published are removed).
     """
     started = time.time()
-    resolved = deduplicate(classify(type_rows(read_landing(spark, days)))).persist(
+    resolved = deduplicate(classify(type_rows(read_landing(spark, days, TRANSACTIONS)))).persist(
         StorageLevel.MEMORY_AND_DISK
     )
     attempts: dict[str, dict[date, Attempt]] = {}
@@ -460,7 +243,7 @@ def clean_batch(spark: SparkSession, lake: Lake, days: Sequence[LandingDay]) -> 
         except CleanError:
             raise
         except Exception as exc:
-            raise CleanError(f"cleaning landing of {_days(days)} failed: {_first_line(exc)}") from exc
+            raise CleanError(f"cleaning landing of {days_label(days)} failed: {first_line(exc)}") from exc
         for dataset in (Dataset.QUARANTINE, Dataset.CLEAN):
             attempts[dataset] = {landing.day: lake.new_attempt(dataset, landing.day) for landing in days}
         files = {
@@ -477,71 +260,61 @@ def clean_batch(spark: SparkSession, lake: Lake, days: Sequence[LandingDay]) -> 
     finally:
         resolved.unpersist()
     seconds = round(time.time() - started, 3)
-    for i, landing in enumerate(days):
-        day = landing.day
-        try:
-            # quarantine first: a published clean day implies its quarantine
-            provenance = lineage(STEP, [landing.source])
-            for dataset in (Dataset.QUARANTINE, Dataset.CLEAN):
-                lake.publish(attempts[dataset][day], stats=stats[day], lineage=provenance, files=files[dataset][day])
-            record = {"date": day.isoformat(), "seconds": seconds, "batch": _days(days), "stats": stats[day]}
-            lake.write_run_record("clean", day, attempts[Dataset.CLEAN][day].attempt_id, record)
-        except Exception as exc:  # noqa: BLE001 - the caller names the days not done
-            for later in days[i:]:
-                for dataset in (Dataset.QUARANTINE, Dataset.CLEAN):
-                    attempt = attempts[dataset][later.day]
-                    if (lake.manifest(dataset, later.day) or {}).get("attempt") != attempt.attempt_id:
-                        lake.delete_dir(attempt.path)
-            return i, exc
-        print(
-            json.dumps({"step": "clean", "date": day.isoformat(), **stats[day]}, sort_keys=True), flush=True
-        )
-    return len(days), None
+    provenance = {d.day: lineage(STEP, [d.source]) for d in days}
+    # quarantine first: a published clean day implies its quarantine
+    return publish_days(lake, STEP, [d.day for d in days], (Dataset.QUARANTINE, Dataset.CLEAN), attempts, files,
+                        stats, {ds: provenance for ds in attempts}, seconds)
 
 
 def clean_days(spark: SparkSession, lake: Lake, days: Sequence[date]) -> int:
     """Clean ``days`` (in date order) with as few Spark jobs as possible; 0, or 1 naming the days not done.
 
-    Every day is inspected on the driver first; the days before the first bad one (no
-    ``_SUCCESS``, an unreadable file, a missing column) are cleaned as one batch and published in
-    date order, and the run then fails naming the bad day and every later day: the published days
-    are always a prefix of the range, so the range can be rerun from the day named first. If the
-    batch fails inside Spark (a file whose damage only shows when read), the same days are cleaned
-    one by one to find and name the bad one.
+    Transactions first: every day is inspected on the driver; the days before the first bad one
+    (no ``_SUCCESS``, an unreadable file, a missing column) are cleaned as one batch and published
+    in date order. Then the label events of the days whose transactions are published, the same way
+    (``jobs.spark.labels``: they are checked against the clean transactions, these days' included).
+    The run fails naming the first day not done and every later one: published days are always a
+    prefix of the range, so it can be rerun from the day named. If a batch fails inside Spark (a file
+    whose damage only shows when read), the same days are cleaned one by one to find the bad one.
     """
     ready: list[LandingDay] = []
     failure: tuple[date, Exception] | None = None
     for day in days:
         try:
-            ready.append(inspect_landing(lake, day))
+            ready.append(inspect_landing(lake, day, TRANSACTIONS))
         except CleanError as exc:
             failure = (day, exc)
             break
+    done: list[date] = []
     if ready:
-        done, error = _clean_batch_or_each(spark, lake, ready)
+        count, error = _batch_or_each(spark, lake, ready, clean_batch)
+        done = [d.day for d in ready[:count]]
         if error is not None:
-            failure = (ready[done].day, error)
+            failure = (ready[count].day, error)
+    if done:
+        count, error = labels.clean_label_days(spark, lake, done, feed=settings().label_feed)
+        if error is not None:
+            failure = (done[count], error)
     if failure is None:
         return EXIT_OK
     day, exc = failure
     return not_done(STEP, [d for d in days if d >= day], exc, failed_on=day)
 
 
-def _clean_batch_or_each(
-    spark: SparkSession, lake: Lake, days: list[LandingDay]
-) -> tuple[int, Exception | None]:
+def _batch_or_each(spark: SparkSession, lake: Lake, days: list, batch) -> tuple[int, Exception | None]:
+    """``batch(spark, lake, days)``; if the whole batch fails in Spark, day by day to find the bad one."""
     try:
-        return clean_batch(spark, lake, days)
+        return batch(spark, lake, days)
     except Exception as exc:  # noqa: BLE001 - reported, or narrowed down day by day
         if len(days) == 1:
             return 0, exc
         print(
-            f"clean: cleaning {_days(days)} together failed ({_first_line(exc)}); cleaning day by day",
+            f"clean: cleaning {days_label(days)} together failed ({first_line(exc)}); cleaning day by day",
             file=sys.stderr,
         )
     for i, landing in enumerate(days):
         try:
-            done, error = clean_batch(spark, lake, [landing])
+            done, error = batch(spark, lake, [landing])
         except Exception as exc:  # noqa: BLE001 - reported with the days not done
             done, error = 0, exc
         if error is not None:
@@ -549,14 +322,9 @@ def _clean_batch_or_each(
     return len(days), None
 
 
-def _days(days: Sequence[LandingDay]) -> str:
-    first, last = days[0].day, days[-1].day
-    return first.isoformat() if first == last else f"{first}..{last}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = day_parser("spark-submit jobs/spark/clean.py",
-                        "Clean landing transactions into the clean and quarantine partitions.")
+                        "Clean landing transactions and label events into the clean and quarantine partitions.")
     args = parse_days(parser, argv)
     lake = Lake.from_uri(args.lake)
     spark = get_spark("fraud-clean")

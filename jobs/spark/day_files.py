@@ -62,7 +62,7 @@ def _write_runs(table: pa.Table, day_of_row: np.ndarray, *, folders: dict[int, s
             )
         path = posixpath.join(folders[day], file_name(part))
         buf = io.BytesIO()
-        pq.write_table(table.slice(start, stop - start), buf)
+        pq.write_table(table.slice(start, stop - start).combine_chunks(), buf)  # same bytes however it was batched
         data = buf.getvalue()
         with filesystem.open_output_stream(path) as f:
             f.write(data)

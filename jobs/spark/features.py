@@ -56,6 +56,8 @@ from jobs.common.schema import (
     FEATURE_SCHEMA,
     ID_COLUMNS,
     LABEL,
+    LABEL_EVENT_SCHEMA,
+    REPORTED_AT,
     WINDOWS_DAYS,
     customer_avg_amount,
     customer_count,
@@ -84,6 +86,7 @@ class MissingInputs(RuntimeError):
 class Inputs:
     days: list[date]  # the days to compute
     files: list[str]  # Spark URIs of every published clean file the days read
+    label_files: list[str]  # ... and of every clean label-event file
     lineage: dict[date, dict]  # per day: what its partition records (inputs, parameters, code version)
 
 
@@ -92,30 +95,40 @@ def find_inputs(lake: Lake, days: Sequence[date], cal: Calendar) -> Inputs:
     naming gaps. Days before the first date are simply absent (the pipeline did not exist yet); every
     later one, and every day being computed, must be published."""
     recorder = InputRecorder(lake)
-    span = sorted({d for day in days for d in contracts.read_days(STEP, Dataset.CLEAN, day, cal)})
-    files: list[str] = []
-    missing: list[date] = []
-    for day in span:
-        try:
-            files += [lake.to_spark_uri(p) for p in lake.partition_files(Dataset.CLEAN, day)]
-        except NotPublished:
-            if day >= cal.first_date or day in days:
-                missing.append(day)
+    files: dict[str, list[str]] = {Dataset.CLEAN: [], Dataset.CLEAN_LABELS: []}
+    missing: list[str] = []
+    for dataset, found in files.items():
+        absent = []
+        for day in sorted({d for target in days for d in contracts.read_days(STEP, dataset, target, cal)}):
+            try:
+                found += [lake.to_spark_uri(p) for p in lake.partition_files(dataset, day)]
+            except NotPublished:
+                if day >= cal.first_date or day in days:
+                    absent.append(day)
+        if absent:
+            missing.append(f"{dataset} {format_days(absent)}")
     if missing:
         raise MissingInputs(
-            f"clean partitions not published in {lake.uri}: {format_days(missing)} "
+            f"clean partitions not published in {lake.uri}: {'; '.join(missing)} "
             f"(needed for features of {format_days(days)}; first date {cal.first_date})"
         )
     parameters = {"windows_days": list(WINDOWS_DAYS), "label_delay_days": cal.label_delay_days}
     per_day = {day: lineage(STEP, recorder.step_inputs(STEP, day, cal), parameters) for day in days}
-    return Inputs(sorted(days), files, per_day)
+    return Inputs(sorted(days), files[Dataset.CLEAN], files[Dataset.CLEAN_LABELS], per_day)
 
 
-def read_clean(spark: SparkSession, files: Sequence[str]) -> DataFrame:
-    schema = spark_schema(CLEAN_SCHEMA)
+def read_clean(spark: SparkSession, files: Sequence[str], schema=CLEAN_SCHEMA) -> DataFrame:
+    spark_type = spark_schema(schema)
     if not files:
-        return spark.createDataFrame([], schema)
-    return spark.read.schema(schema).parquet(*files)
+        return spark.createDataFrame([], spark_type)
+    return spark.read.schema(spark_type).parquet(*files)
+
+
+def label_events(spark: SparkSession, files: Sequence[str]) -> DataFrame:
+    """The feed's label events the terminal windows need: which transaction, when it was reported."""
+    events = read_clean(spark, files, LABEL_EVENT_SCHEMA)
+    return events.select("TRANSACTION_ID", "TX_DATETIME", "TERMINAL_ID",
+                         F.col(REPORTED_AT).alias(windows.EVENT_TIME), F.col(LABEL).alias(windows.EVENT_LABEL))
 
 
 # --- the transform -----------------------------------------------------------------------------
@@ -140,8 +153,12 @@ def compute_features(
     terminal_partitions: int | None = None,
     write_to: DayFolders | None = None,
     delay_days: int | None = None,
+    events: DataFrame | None = None,
 ) -> DataFrame:
     """Clean rows of days start-37 .. end -> one feature row per clean row of days start .. end.
+
+    ``events`` are the label feed's events (:func:`label_events`) that arrived up to ``end``; the
+    rows' own inline labels are the others. Neither is in the output: a feature row holds no label.
 
     ``windows_days`` other than the default (1, 7, 30) is for benchmarks: the output then has
     only those window columns, and not the FEATURE_SCHEMA order. The terminal pass has
@@ -178,13 +195,17 @@ def compute_features(
         key="TERMINAL_ID",
         time="TX_DATETIME",
         label=LABEL,
+        txid="TRANSACTION_ID",
         windows=tuple(windows_days),
         delay_days=calendar().label_delay_days if delay_days is None else delay_days,
         names=terminal_names,
         keep_from_us=micros_at_midnight(start),
         keep_until_us=micros_at_midnight(shift(end, 1)),
     )
-    by_terminal = with_customer.repartition(terminal_partitions, "TERMINAL_ID")
+    if events is None:
+        events = label_events(spark, [])
+    mixed = with_customer.unionByName(events, allowMissingColumns=True)
+    by_terminal = mixed.repartition(terminal_partitions, "TERMINAL_ID")
     if write_to is not None:
         if tuple(windows_days) != tuple(WINDOWS_DAYS):
             raise ValueError("only the contract's windows are written")
@@ -196,14 +217,14 @@ def compute_features(
             filesystem=write_to.filesystem,
         )
         return by_terminal.mapInArrow(writer, spark_schema(day_files.RECORD_SCHEMA))
-    with_terminal = by_terminal.mapInArrow(terminal_pass, _extend(with_customer.schema, terminal_names))
+    without_label = T.StructType([f for f in with_customer.schema.fields if f.name != LABEL])
+    with_terminal = by_terminal.mapInArrow(terminal_pass, _extend(without_label, terminal_names))
     return with_terminal.select(
         *ID_COLUMNS,
         "TX_DURING_WEEKEND",
         "TX_DURING_NIGHT",
         *(F.col(c) for n in windows_days for c in customer_names[n]),
         *(F.col(c) for n in windows_days for c in terminal_names[n]),
-        LABEL,
     )
 
 
@@ -221,7 +242,7 @@ def _extend(schema: T.StructType, names: dict[int, tuple[str, str]]) -> T.Struct
 
 
 def write_days(
-    lake: Lake, clean: DataFrame, days: Sequence[date], delay_days: int
+    lake: Lake, clean: DataFrame, days: Sequence[date], delay_days: int, events: DataFrame | None = None
 ) -> tuple[dict[date, Attempt], dict[date, list[dict]]]:
     """Compute and write every day into its own fresh attempt folder in one Spark job.
 
@@ -236,7 +257,8 @@ def write_days(
     """
     attempts = {day: lake.new_attempt(Dataset.FEATURES, day) for day in days}
     target = DayFolders(lake.fs, {epoch_day(day): a.path for day, a in attempts.items()})
-    records = compute_features(clean, days[0], days[-1], write_to=target, delay_days=delay_days).collect()
+    records = compute_features(clean, days[0], days[-1], write_to=target, delay_days=delay_days,
+                               events=events).collect()
     written: dict[date, list[dict]] = {day: [] for day in days}
     for record in records:
         day = from_epoch_day(record["day"])
@@ -288,7 +310,8 @@ def run(spark: SparkSession, lake: Lake, inputs: Inputs, cal: Calendar) -> int:
     """Compute and publish ``inputs.days`` (in date order); 0 on success, 1 naming the days not done."""
     days = inputs.days
     try:
-        attempts, written = write_days(lake, read_clean(spark, inputs.files), days, cal.label_delay_days)
+        attempts, written = write_days(lake, read_clean(spark, inputs.files), days, cal.label_delay_days,
+                                       label_events(spark, inputs.label_files))
     except Exception as exc:  # noqa: BLE001 - reported with the days not done
         return not_done(STEP, days, exc)
     return publish_in_order(lake, attempts, written, inputs.lineage)

@@ -19,6 +19,7 @@ the whole batch never crosses from one key into another.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -130,25 +131,107 @@ def customer_windows(
     return out
 
 
+@dataclass(frozen=True)
+class LabelChanges:
+    """When transactions became (+1) or stopped being (-1) fraud: the label events turned into changes.
+
+    ``key`` is the transaction's terminal, ``tx_time`` its time, ``time`` when the change was
+    reported (microseconds). A transaction counts as fraud at t when the sum of its changes reported
+    at or before t is 1.
+    """
+
+    key: np.ndarray
+    tx_time: np.ndarray
+    time: np.ndarray
+    delta: np.ndarray  # +1 / -1
+
+    @staticmethod
+    def none() -> LabelChanges:
+        empty = np.zeros(0, np.int64)
+        return LabelChanges(empty, empty, empty, empty)
+
+
+def label_changes(txid: np.ndarray, key: np.ndarray, tx_time: np.ndarray, reported: np.ndarray,
+                  label: np.ndarray) -> LabelChanges:
+    """Events (one row each, any order) -> changes of each transaction's state, which starts at 0.
+
+    For one transaction the events are taken in the order reported, then label (at one instant a
+    fraud report comes last, so it wins); an event that repeats the state changes nothing.
+    """
+    if len(txid) == 0:
+        return LabelChanges.none()
+    order = np.lexsort((label, reported, txid))
+    txid, key, tx_time, reported, label = (a[order] for a in (txid, key, tx_time, reported, label))
+    first = np.r_[True, txid[1:] != txid[:-1]]
+    before = np.where(first, 0, np.r_[0, label[:-1]])
+    change = label != before
+    return LabelChanges(key[change], tx_time[change], reported[change],
+                        np.where(label[change] == 1, 1, -1).astype(np.int64))
+
+
+def inline_changes(key: np.ndarray, tx_time: np.ndarray, label: np.ndarray, delay_days: int) -> LabelChanges:
+    """Transactions with only an inline label: each labelled fraud becomes one the delay after it."""
+    fraud = label == 1
+    return LabelChanges(key[fraud], tx_time[fraud], tx_time[fraud] + window_us(delay_days),
+                        np.ones(int(fraud.sum()), np.int64))
+
+
+def weighted_at_or_before(point_keys: np.ndarray, point_times: np.ndarray, weights: np.ndarray,
+                          query_keys: np.ndarray, query_times: np.ndarray) -> np.ndarray:
+    """Per query: the sum of the weights of the points with the query's key and time <= its time."""
+    out = np.zeros(len(query_keys), dtype=np.int64)
+    if len(point_keys) == 0 or len(query_keys) == 0:
+        return out
+    order = np.lexsort((point_times, point_keys))
+    pk, pt = point_keys[order], point_times[order]
+    prefix = _prefix(weights[order].astype(np.int64))
+    keys, starts = np.unique(pk, return_index=True)
+    stops = np.r_[starts[1:], len(pk)]
+    slot = np.searchsorted(keys, query_keys)
+    slot_ok = slot < len(keys)
+    slot_ok[slot_ok] = keys[slot[slot_ok]] == query_keys[slot_ok]
+    rows = np.flatnonzero(slot_ok)
+    lo, hi = starts[slot[rows]], stops[slot[rows]]
+    # the points of one key are a contiguous, time-sorted run: search each query inside its run,
+    # all at once through one int64 code (key index, time) when it fits
+    t0 = int(min(pt.min(), query_times.min()))
+    width = int(max(pt.max(), query_times.max())) - t0 + 2
+    if (len(keys) + 1) * width < _INT64_HEADROOM:
+        code = np.searchsorted(keys, pk) * width + (pt - t0)
+        pos = np.searchsorted(code, slot[rows] * width + (query_times[rows] - t0), side="right")
+    else:
+        pos = np.array([lo_ + np.searchsorted(pt[lo_:hi_], q, side="right")
+                        for lo_, hi_, q in zip(lo, hi, query_times[rows], strict=True)], dtype=np.int64)
+    out[rows] = prefix[pos] - prefix[lo]
+    return out
+
+
 def terminal_windows(
-    keys: np.ndarray, times: np.ndarray, frauds: np.ndarray, windows: Sequence[int], delay_days: int
+    keys: np.ndarray, times: np.ndarray, changes: LabelChanges, windows: Sequence[int], delay_days: int
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per row: (count, fraud share) of its key's rows with time in (t - w(n+delay), t - w(delay)].
 
-    ``frauds`` is 0/1 with nulls already counted as 0. The share is 0.0 for an empty window.
+    A row s in that window counts as fraud when its label as of t (the latest event reported at or
+    before t) is a fraud. Each change (reported at r, +1 or -1) of a transaction s therefore reaches
+    exactly the queries t in ``[max(r, s + w(delay)), s + w(n + delay))``: two as-of sums per row,
+    whatever the number of events. With only inline labels (every one reported at s + w(delay))
+    this is the share of the window's rows labelled fraud. The share is 0.0 for an empty window.
     """
     if len(keys) == 0:
         return {n: (np.zeros(0, np.int32), np.zeros(0)) for n in windows}
     rows = SortedKeys(keys, times, reach=window_us(max(windows) + delay_days))
-    fraud_prefix = _prefix(frauds[rows.order].astype(np.int64))
     near = rows.count_at_or_before(window_us(delay_days))  # t - w(delay) itself is inside
+    enters = np.maximum(changes.time, changes.tx_time + window_us(delay_days))
     out = {}
     for n in windows:
         far = rows.count_at_or_before(window_us(n + delay_days))
-        count = near - far
-        fraud = fraud_prefix[near] - fraud_prefix[far]
+        count = _unsort(near - far, rows.order)  # back to the input order, like the as-of sums below
+        leaves = changes.tx_time + window_us(n + delay_days)
+        live = enters < leaves
+        fraud = (weighted_at_or_before(changes.key[live], enters[live], changes.delta[live], keys, times)
+                 - weighted_at_or_before(changes.key[live], leaves[live], changes.delta[live], keys, times))
         risk = np.divide(fraud, count, out=np.zeros(len(count)), where=count > 0)
-        out[n] = (_unsort(count.astype(np.int32), rows.order), _unsort(risk, rows.order))
+        out[n] = (count.astype(np.int32), risk)
     return out
 
 
@@ -197,27 +280,60 @@ def add_customer_windows(
     yield from _emit(table)
 
 
+EVENT_TIME = "REPORTED_AT"  # set on label-event rows mixed into the terminal pass, null on transactions
+EVENT_LABEL = "EVENT_LABEL"
+
+
 def add_terminal_windows(
     batches: Iterator[pa.RecordBatch],
     *,
     key: str,
     time: str,
     label: str,
+    txid: str,
     windows: Sequence[int],
     delay_days: int,
     names: dict[int, tuple[str, str]],
     keep_from_us: int,
     keep_until_us: int,
 ) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: append count and risk columns per terminal window, keep rows in [from, until)."""
+    """mapInArrow body: append count and risk columns per terminal window, keep rows in [from, until).
+
+    The partition holds a terminal's transactions (with their inline ``label``) and the feed's label
+    events for transactions of those terminals (rows with ``REPORTED_AT`` set). An inline label
+    counts as reported ``delay_days`` after its transaction; the rows that come out are the
+    transactions only, without any label.
+    """
     table = _whole_partition(batches)
     if table is None:
         return
+    is_event = table.column(EVENT_TIME).is_valid().to_numpy(zero_copy_only=False)
+    events = table.filter(pa.array(is_event))
+    table = table.filter(pa.array(~is_event))
     times = _micros(table.column(time))
-    frauds = table.column(label).fill_null(0).to_numpy() == 1
-    result = terminal_windows(table.column(key).to_numpy(), times, frauds, windows, delay_days)
+    ids = table.column(txid).to_numpy()
+    terminal = table.column(key).to_numpy()
+    inline = table.column(label)
+    labelled = inline.is_valid().to_numpy(zero_copy_only=False)
+    inline_label = inline.fill_null(0).to_numpy()
+    feed_ids = np.unique(events.column(txid).to_numpy())
+    with_feed = np.isin(ids, feed_ids)
+    delay = window_us(delay_days)
+    # a transaction without feed events changes once at most: it becomes fraud when its inline label is
+    simple = inline_changes(terminal, times, np.where(labelled & ~with_feed, inline_label, 0), delay_days)
+    both = labelled & with_feed
+    general = label_changes(
+        np.r_[ids[both], events.column(txid).to_numpy()],
+        np.r_[terminal[both], events.column(key).to_numpy()],
+        np.r_[times[both], _micros(events.column(time))],
+        np.r_[times[both] + delay, _micros(events.column(EVENT_TIME))],
+        np.r_[inline_label[both], events.column(EVENT_LABEL).to_numpy()],
+    )
+    changes = LabelChanges(*(np.r_[getattr(simple, f), getattr(general, f)] for f in ("key", "tx_time", "time", "delta")))
+    result = terminal_windows(terminal, times, changes, windows, delay_days)
     keep = (times >= keep_from_us) & (times < keep_until_us)
-    table = table.filter(pa.array(keep))
+    table = table.filter(pa.array(keep)).drop_columns([c for c in (label, EVENT_TIME, EVENT_LABEL)
+                                                        if c in table.column_names])
     for n in windows:
         count_name, risk_name = names[n]
         table = table.append_column(count_name, pa.array(result[n][0][keep], pa.int32()))

@@ -1,10 +1,13 @@
 """Feature partitions to arrays and tensors: column by column with pyarrow, never row by row.
 
 A :class:`FeatureFrame` holds the model inputs of a set of transactions (``MODEL_INPUTS`` order)
-plus the ids, day and label the trainer and the metrics need. For the sequence model,
-:class:`CardHistory` adds, per transaction, the positions of the same card's previous ``k``
-feature rows (earlier days' partitions included): feature rows only, never labels, so the
-history respects the label delay exactly as the features do.
+plus the ids, day and label the trainer and the metrics need. Feature partitions hold no label:
+:class:`LabelEvents` answers "was this transaction a fraud as known at time t?" from the inline
+labels (reported the label delay after their transactions) and the label feed, and the frame's
+``label`` is filled with the targets as known before a given day began (docs/contract.md, "Labels
+as events"). For the sequence model, :class:`CardHistory` adds, per transaction, the positions of
+the same card's previous ``k`` feature rows (earlier days' partitions included) and its terminal's
+last matured transactions with their labels as of the transaction's own time.
 """
 
 from __future__ import annotations
@@ -15,10 +18,19 @@ from datetime import date
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from jobs.common.calendar import MICROS_PER_DAY, Calendar
+from jobs.common.calendar import MICROS_PER_DAY, ONE_DAY, Calendar, day_range, micros_at_midnight
 from jobs.common.lake import Dataset, Lake
-from jobs.common.schema import FEATURE_SCHEMA, LABEL, MODEL_INPUTS, customer_avg_amount
+from jobs.common.schema import (
+    CLEAN_SCHEMA,
+    FEATURE_SCHEMA,
+    LABEL,
+    LABEL_EVENT_SCHEMA,
+    MODEL_INPUTS,
+    REPORTED_AT,
+    customer_avg_amount,
+)
 
 ID_READ = ("TRANSACTION_ID", "CUSTOMER_ID", "TERMINAL_ID", "TX_DATETIME")
 
@@ -56,8 +68,7 @@ def frame_from_table(table: pa.Table) -> FeatureFrame:
     x = np.empty((n, len(MODEL_INPUTS)), dtype=np.float32)
     for j, name in enumerate(MODEL_INPUTS):
         x[:, j] = table.column(name).to_numpy()
-    label_col = table.column(LABEL) if LABEL in table.column_names else pa.nulls(n, pa.int32())
-    label = label_col.fill_null(0).to_numpy().astype(np.int8) if n else np.zeros(0, np.int8)
+    label = np.zeros(n, np.int8)  # the targets are attached apart (attach_targets)
     time_us = table.column("TX_DATETIME").cast(pa.timestamp("us")).cast(pa.int64()).to_numpy()
     return FeatureFrame(
         x=x,
@@ -70,13 +81,76 @@ def frame_from_table(table: pa.Table) -> FeatureFrame:
 
 
 def read_feature_table(lake: Lake, days: Sequence[date], missing_ok: bool = False) -> pa.Table:
-    columns = list(dict.fromkeys((*ID_READ, *MODEL_INPUTS, LABEL)))
+    columns = list(dict.fromkeys((*ID_READ, *MODEL_INPUTS)))
     return lake.read_days(Dataset.FEATURES, days, schema=FEATURE_SCHEMA, columns=columns, missing_ok=missing_ok)
 
 
 def read_features(lake: Lake, days: Sequence[date], missing_ok: bool = False) -> FeatureFrame:
     """The published feature partitions of ``days`` (NotPublished if one is missing)."""
     return frame_from_table(read_feature_table(lake, days, missing_ok=missing_ok))
+
+
+# --- labels as events -------------------------------------------------------------------------------
+@dataclass
+class LabelEvents:
+    """Label events of a set of transactions: which, when reported, fraud (1) or cleared (0)."""
+
+    txid: np.ndarray  # int64
+    reported_us: np.ndarray  # int64
+    label: np.ndarray  # int8
+
+    @staticmethod
+    def read(lake: Lake, tx_days: Sequence[date], feed_days: Sequence[date], delay_days: int) -> LabelEvents:
+        """The inline labels of the clean transactions of ``tx_days`` (each reported the delay after its
+        transaction) and the feed's events that arrived on ``feed_days``. Unpublished days are absent:
+        the steps wait for the ones they need (their contracts) before reading."""
+        clean = lake.read_days(Dataset.CLEAN, tx_days, schema=CLEAN_SCHEMA,
+                               columns=["TRANSACTION_ID", "TX_DATETIME", LABEL], missing_ok=True)
+        clean = clean.filter(pc.is_valid(clean.column(LABEL)))
+        feed = lake.read_days(Dataset.CLEAN_LABELS, feed_days, schema=LABEL_EVENT_SCHEMA,
+                              columns=["TRANSACTION_ID", REPORTED_AT, LABEL], missing_ok=True)
+        inline_at = _micros(clean.column("TX_DATETIME")) + delay_days * MICROS_PER_DAY
+        return LabelEvents(
+            np.r_[clean.column("TRANSACTION_ID").to_numpy(), feed.column("TRANSACTION_ID").to_numpy()].astype(np.int64),
+            np.r_[inline_at, _micros(feed.column(REPORTED_AT))].astype(np.int64),
+            np.r_[clean.column(LABEL).to_numpy(), feed.column(LABEL).to_numpy()].astype(np.int8),
+        )
+
+    def as_of(self, txids: np.ndarray, at_us: np.ndarray | int) -> np.ndarray:
+        """Per query: 1 if the latest event for that transaction reported at or before ``at_us`` is a
+        fraud (at one instant a fraud report wins over a clearance), else 0."""
+        txids = np.asarray(txids, dtype=np.int64)
+        at = np.broadcast_to(np.asarray(at_us, dtype=np.int64), txids.shape)
+        out = np.zeros(len(txids), np.int8)
+        if len(self.txid) == 0 or len(txids) == 0:
+            return out
+        ids = np.unique(self.txid)
+        rank = np.searchsorted(ids, self.txid)
+        slot = np.clip(np.searchsorted(ids, txids), 0, len(ids) - 1)
+        known = ids[slot] == txids
+        by = order_by_key_time(rank, self.reported_us, self.label.astype(np.int64))
+        pos = by.rows_at_or_before(slot[known], at[known])
+        hit = pos > 0
+        hit[hit] = by.key[pos[hit] - 1] == slot[known][hit]
+        labels = np.zeros(known.sum(), np.int8)
+        labels[hit] = self.label[by.order[pos[hit] - 1]]
+        out[known] = labels
+        return out
+
+
+def start_of_us(day: date) -> int:
+    """The microsecond before ``day`` begins: labels "known before D" are those reported at or before it."""
+    return micros_at_midnight(day) - 1
+
+
+def attach_targets(frame: FeatureFrame, events: LabelEvents, as_of: date) -> FeatureFrame:
+    """The frame with ``label`` = each transaction's label as known before ``as_of`` began."""
+    frame.label = events.as_of(frame.txid, start_of_us(as_of))
+    return frame
+
+
+def _micros(column: pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(column.cast(pa.timestamp("us")).cast(pa.int64()).to_numpy(), dtype=np.int64)
 
 
 # --- card and terminal history for the sequence model ---------------------------------------------
@@ -184,15 +258,14 @@ class TerminalRows:
     terminal: np.ndarray  # int64
     time_us: np.ndarray  # int64
     txid: np.ndarray  # int64
-    label: np.ndarray  # int8, null = 0
     amount: np.ndarray  # float
     avg30: np.ndarray  # float, the row's card's 30-day average amount
 
-    COLUMNS = ("TERMINAL_ID", "TX_DATETIME", "TRANSACTION_ID", LABEL, "TX_AMOUNT", customer_avg_amount(30))
+    COLUMNS = ("TERMINAL_ID", "TX_DATETIME", "TRANSACTION_ID", "TX_AMOUNT", customer_avg_amount(30))
 
     @staticmethod
     def of_frame(frame: FeatureFrame) -> TerminalRows:
-        return TerminalRows(frame.terminal, frame.time_us, frame.txid, frame.label,
+        return TerminalRows(frame.terminal, frame.time_us, frame.txid,
                             frame.x[:, _AMOUNT_COL], frame.x[:, _AVG30_COL])
 
     @staticmethod
@@ -201,7 +274,6 @@ class TerminalRows:
             terminal=table.column("TERMINAL_ID").to_numpy().astype(np.int64),
             time_us=table.column("TX_DATETIME").cast(pa.timestamp("us")).cast(pa.int64()).to_numpy(),
             txid=table.column("TRANSACTION_ID").to_numpy().astype(np.int64),
-            label=table.column(LABEL).fill_null(0).to_numpy().astype(np.int8),
             amount=table.column("TX_AMOUNT").to_numpy(),
             avg30=table.column(customer_avg_amount(30)).to_numpy(),
         )
@@ -214,12 +286,15 @@ class TerminalRows:
         return TerminalRows(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(TerminalRows)))
 
 
-def build_terminal_history(target: FeatureFrame, pool: TerminalRows, k: int, delay_days: int) -> np.ndarray:
-    """Per target row, its terminal's last ``k`` pool rows with time <= t - delay, oldest first.
+def build_terminal_history(target: FeatureFrame, pool: TerminalRows, k: int, delay_days: int,
+                           events: LabelEvents) -> np.ndarray:
+    """Per target row, its terminal's last ``k`` pool rows with time <= t - delay, oldest first, each
+    with its label as known at t (``events``).
 
-    The bound is the terminal risk windows' near end (docs/contract.md, "Features"), so a label is used only once it
-    has matured. Within a terminal, rows are ordered by time then transaction id. Returns
-    [n, k, TERMINAL_STEP] float32 (see :class:`CardHistory`).
+    The bound is the terminal risk windows' near end (docs/contract.md, "Features"), and the label
+    is taken as of the target's own time, as the terminal risk features take theirs. Within a
+    terminal, rows are ordered by time then transaction id. Returns [n, k, TERMINAL_STEP] float32
+    (see :class:`CardHistory`).
     """
     cut = target.time_us - delay_days * MICROS_PER_DAY
     if len(pool.terminal) and len(target):  # rows younger than every bound can never be looked up
@@ -239,7 +314,7 @@ def build_terminal_history(target: FeatureFrame, pool: TerminalRows, k: int, del
         amount = np.log1p(np.maximum(pool.amount[row], 0))
         age = (target.time_us[ok] - pool.time_us[row]) / MICROS_PER_DAY
         col = k - back
-        out[ok, col, 0] = pool.label[row]
+        out[ok, col, 0] = events.as_of(pool.txid[row], target.time_us[ok])
         out[ok, col, 1] = amount / 5
         out[ok, col, 2] = amount - np.log1p(np.maximum(pool.avg30[row], 0))
         out[ok, col, 3] = np.log1p(age) / 3
@@ -247,39 +322,41 @@ def build_terminal_history(target: FeatureFrame, pool: TerminalRows, k: int, del
     return out
 
 
-def read_with_history(
-    lake: Lake, days: Sequence[date], k: int, lookback_days: int, first_date: date,
-    terminal_len: int = 0, terminal_lookback_days: int = 0, delay_days: int = 0,
-) -> tuple[FeatureFrame, CardHistory]:
-    """Target days' features and each row's card history from up to ``lookback_days`` before
-    (and, with ``terminal_len``, its terminal's matured history from up to ``terminal_lookback_days``).
-
-    History days before the pipeline's first date do not exist and are skipped; later ones must
-    be published (a missing one is "not yet written", never "no history").
-    """
-    target = read_features(lake, days)
-    empty = target.take(np.zeros(0, np.int64))
-    wanted = [d for d in history_days(days, lookback_days) if d >= first_date]
-    history = read_features(lake, wanted) if wanted else empty
-    out = build_history(target, history, k)
-    if terminal_len:  # days only the terminal history reaches: just the columns it needs
-        older = [d for d in history_days(days, terminal_lookback_days) if d >= first_date and d not in wanted]
-        parts = [TerminalRows.of_frame(history), TerminalRows.of_frame(target)]
-        if older:
-            table = lake.read_days(Dataset.FEATURES, older, schema=FEATURE_SCHEMA, columns=list(TerminalRows.COLUMNS))
-            parts.insert(0, TerminalRows.of_table(table))
-        out.terminal = build_terminal_history(target, TerminalRows.concat(parts), terminal_len, delay_days)
-    return target, out
-
-
 def model_history_days(lookback_days: int, terminal_len: int, terminal_lookback_days: int) -> int:
     """How many feature days before a scored or trained day the sequence model reads."""
     return max(lookback_days, terminal_lookback_days if terminal_len else 0)
 
 
-def read_for_model(lake: Lake, days: Sequence[date], cfg, first_date: date) -> tuple[FeatureFrame, CardHistory | None]:
-    """What a model of ``cfg`` (a ``ModelConfig``) reads for ``days``: the features, plus the history for ``seq``."""
-    if cfg.kind != "seq":
-        return read_features(lake, days), None
-    return read_with_history(lake, days, cfg.seq_len, cfg.lookback_days, first_date,
-                             cfg.terminal_len, cfg.terminal_lookback_days, cfg.label_delay_days)
+def read_for_model(lake: Lake, days: Sequence[date], cfg, cal: Calendar, labels_as_of: date | None = None
+                   ) -> tuple[FeatureFrame, CardHistory | None]:
+    """What a model of ``cfg`` (a ``ModelConfig``) reads for ``days``: the features, for ``seq`` the
+    card history and the terminal's matured rows (labels as of each row's time), and with
+    ``labels_as_of`` the targets as known before that day began.
+
+    History days before the pipeline's first date do not exist and are skipped; later ones must
+    be published (a missing one is "not yet written", never "no history").
+    """
+    target = read_features(lake, days)
+    seq = cfg.kind == "seq"
+    wanted = cal.expected(history_days(days, cfg.lookback_days)) if seq else []
+    older = ([d for d in cal.expected(history_days(days, cfg.terminal_lookback_days)) if d not in wanted]
+             if seq and cfg.terminal_len else [])
+    events = None
+    if labels_as_of is not None or older or (seq and cfg.terminal_len):
+        tx_days = sorted({*days, *wanted, *older})
+        last = max(max(days), labels_as_of - ONE_DAY) if labels_as_of is not None else max(days)
+        events = LabelEvents.read(lake, tx_days, day_range(min(tx_days), last), cal.label_delay_days)
+    if labels_as_of is not None:
+        attach_targets(target, events, labels_as_of)
+    if not seq:
+        return target, None
+    history = read_features(lake, wanted) if wanted else target.take(np.zeros(0, np.int64))
+    out = build_history(target, history, cfg.seq_len)
+    if cfg.terminal_len:  # days only the terminal history reaches: just the columns it needs
+        parts = [TerminalRows.of_frame(history), TerminalRows.of_frame(target)]
+        if older:
+            table = lake.read_days(Dataset.FEATURES, older, schema=FEATURE_SCHEMA, columns=list(TerminalRows.COLUMNS))
+            parts.insert(0, TerminalRows.of_table(table))
+        out.terminal = build_terminal_history(target, TerminalRows.concat(parts), cfg.terminal_len,
+                                              cfg.label_delay_days, events)
+    return target, out

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from jobs.common.calendar import ONE_DAY, Calendar
 from jobs.common.lake import Lake
 from jobs.torch.data import CardHistory, FeatureFrame, read_for_model
 from jobs.torch.model import InputTransform, ModelConfig, build_model, gather_rows
@@ -144,12 +145,14 @@ class Trained:
     history: CardHistory | None
 
 
-def train_model(lake: Lake, cfg: TrainConfig, window: list[date], first_date: date, device: torch.device,
-                ddp: Dist | None = None) -> Trained:
-    """Read the window's features, fit the scaler on them, train; the model comes back on CPU."""
+def train_model(lake: Lake, cfg: TrainConfig, window: list[date], cal: Calendar, device: torch.device,
+                ddp: Dist | None = None, labels_as_of: date | None = None) -> Trained:
+    """Read the window's features and their targets as known before ``labels_as_of`` (default: the
+    day after the window, when they are all known), fit the scaler on them, train; the model comes
+    back on CPU."""
     mcfg = cfg.model_config()
     seed_everything(cfg.seed, device)
-    frame, history = read_for_model(lake, window, mcfg, first_date)
+    frame, history = read_for_model(lake, window, mcfg, cal, labels_as_of or max(window) + ONE_DAY)
     transform = InputTransform.fit(torch.from_numpy(frame.x))
     data = prepare(frame, history, transform)
     if cfg.ensemble <= 1:

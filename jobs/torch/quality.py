@@ -73,18 +73,35 @@ def fold_days(start: date, window_days: int) -> tuple[list[date], list[date]]:
     return CAL.reference_fold(start, window_days)
 
 
-def run_fold(lake: Lake, cfg: TrainConfig, start: date, first_date: date, k: int = 100,
-             keep_scores: bool = False) -> dict:
+def ground_truth(lake: Lake, frame: FeatureFrame, days: list[date]) -> np.ndarray:
+    """The simulator's truth for the frame's rows (``TX_FRAUD_SCENARIO`` > 0; the inline label where
+    the data has no scenario): the final labels the reference protocol evaluates on, whether or not
+    a label event ever reported them."""
+    clean = lake.read_days(Dataset.CLEAN, days, schema=CLEAN_SCHEMA,
+                           columns=["TRANSACTION_ID", "TX_FRAUD", "TX_FRAUD_SCENARIO"])
+    ids = clean.column("TRANSACTION_ID").to_numpy()
+    scenario = clean.column("TX_FRAUD_SCENARIO")
+    truth = np.where(scenario.is_valid().to_numpy(zero_copy_only=False), scenario.fill_null(0).to_numpy() > 0,
+                     clean.column("TX_FRAUD").fill_null(0).to_numpy() == 1)
+    order = np.argsort(ids)
+    return truth[order[np.searchsorted(ids[order], frame.txid)]].astype(np.int8)
+
+
+def run_fold(lake: Lake, cfg: TrainConfig, start: date, k: int = 100, keep_scores: bool = False) -> dict:
+    """Train on the fold's window with the labels known when its test week begins (as the pipeline
+    would on that day), then evaluate the test week on the final labels."""
     window, test = fold_days(start, cfg.window_days)
     t0 = time.time()
-    trained = train_model(lake, cfg, window, first_date, torch.device("cpu"))
+    trained = train_model(lake, cfg, window, CAL, torch.device("cpu"), labels_as_of=min(test))
     seconds = time.time() - t0
     mcfg = cfg.model_config()
     loaded = Loaded("quality", mcfg, scorer_for(mcfg, trained.transform, trained.model).eval())
-    frame, history = read_for_model(lake, test, mcfg, first_date)
+    frame, history = read_for_model(lake, test, mcfg, CAL)
+    frame.label = ground_truth(lake, frame, test)
     scores = predict(loaded, frame, history)
     out = evaluate_scores(lake, frame, scores, test, start, CAL, k)
-    out.update(train_rows=len(trained.frame), train_seconds=round(seconds, 1))
+    out.update(train_rows=len(trained.frame), train_frauds=int(trained.frame.label.sum()),
+               train_seconds=round(seconds, 1))
     if keep_scores:
         out["scores"] = scores
     return out
@@ -102,6 +119,7 @@ def with_evidence(lake: Lake, start: date) -> tuple[FeatureFrame, np.ndarray]:
     """
     _, test = fold_days(start, CAL.reference_window_days)
     frame = read_features(lake, test)
+    frame.label = ground_truth(lake, frame, test)
     history = day_range(max(DATA_START, min(test) - timedelta(days=SCENARIO2_DAYS)), max(test))
     clean = lake.read_days(Dataset.CLEAN, history, schema=CLEAN_SCHEMA,
                            columns=["TRANSACTION_ID", "TX_DATETIME", "TERMINAL_ID", "TX_FRAUD_SCENARIO"])
@@ -131,13 +149,14 @@ def bound_fold(lake: Lake, start: date, scores: np.ndarray, k: int = 100) -> dic
     return evaluate_scores(lake, frame, scores + evidence, test, start, CAL, k)
 
 
-def ensure_features(lake: Lake, days: list[date], generate: bool) -> None:
+def ensure_features(lake: Lake, days: list[date], generate: bool, label_delay: str = "fixed:7") -> None:
     missing = [d for d in days if not lake.is_published(Dataset.FEATURES, d)]
     if not missing:
         return
     if generate and not lake.landing_ready(DATA_START):
         _run([sys.executable, "-m", "jobs.datagen", "--lake", lake.uri, "--start", DATA_START.isoformat(),
-              "--days", "183", "--customers", "5000", "--terminals", "10000", "--seed", "0"])
+              "--days", "183", "--customers", "5000", "--terminals", "10000", "--seed", "0",
+              "--label-delay", label_delay])
     beside = Path(sys.executable).with_name("spark-submit")  # this interpreter's pyspark first
     spark_submit = str(beside) if beside.exists() else (shutil.which("spark-submit") or "spark-submit")
     for job in ("clean", "features"):
@@ -182,47 +201,83 @@ def format_table(results: dict[str, list[dict]], reference: bool) -> str:
     return "\n".join(lines)
 
 
+def run_protocol(lake: Lake, product: TrainConfig, starts: list[date], generate: bool, label_delay: str) -> dict:
+    configs = {f"product default ({product.model}, {product.window_days}-day window)": product}
+    reference = CAL.reference_window_days
+    if product.window_days != reference:
+        configs[f"reference window ({product.model}, {reference} days)"] = replace(product, window_days=reference)
+    longest = max(c.window_days for c in configs.values())
+    mcfg = product.model_config()
+    lookback = model_history_days(mcfg.lookback_days, mcfg.terminal_len, mcfg.terminal_lookback_days) if mcfg.kind == "seq" else 0
+    first_train = min(min(fold_days(start, longest)[0]) for start in starts)
+    needed_from = max(DATA_START, first_train - timedelta(days=lookback))
+    ensure_features(lake, day_range(needed_from, max(fold_days(starts[-1], reference)[1])), generate, label_delay)
+
+    results: dict[str, list[dict]] = {}
+    for label, cfg in configs.items():
+        results[label] = []
+        for start in starts:
+            fold = run_fold(lake, cfg, start, keep_scores=cfg is product)
+            results[label].append(fold)
+            print(f"quality ({label_delay}): {label} fold {start}: AUC {fold['auc_roc']:.3f} "
+                  f"AP {fold['average_precision']:.3f} CP@100 {fold['card_precision@100']:.3f} "
+                  f"({fold['train_rows']} rows, {fold['train_frauds']} known frauds, {fold['train_seconds']} s)",
+                  flush=True)
+    product_label = next(iter(configs))
+    results["bound: product model, every fraud with evidence first"] = [
+        bound_fold(lake, start, fold.pop("scores")) for start, fold in zip(starts, results[product_label], strict=True)]
+    return results
+
+
+def means(folds: list[dict]) -> list[float]:
+    return [float(np.mean([f[n] for f in folds])) for n in NAMES]
+
+
+def format_cost(fixed: dict[str, list[dict]], late: dict[str, list[dict]]) -> str:
+    """The same protocol on fixed-delay and realistic-delay labels, and what late labels cost."""
+    width = max(44, *(len(label) for label in fixed))
+    lines = [f"{'configuration':{width}s} {'labels':10s} {'AUC':>6s} {'AP':>6s} {'CP@100':>7s}"]
+    for label in fixed:
+        a, b = means(fixed[label]), means(late[label])
+        lines.append(f"{label:{width}s} {'fixed:7':10s} {a[0]:6.3f} {a[1]:6.3f} {a[2]:7.3f}")
+        lines.append(f"{label:{width}s} {'realistic':10s} {b[0]:6.3f} {b[1]:6.3f} {b[2]:7.3f}")
+        lines.append(f"{label:{width}s} {'cost':10s} {b[0] - a[0]:+6.3f} {b[1] - a[1]:+6.3f} {b[2] - a[2]:+7.3f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.torch.quality", description=__doc__.split("\n")[0])
     parser.add_argument("--lake", default="", help="lake URI (default: FRAUD_LAKE_URI)")
     parser.add_argument("--folds", choices=("test", "validation"), default="test")
     parser.add_argument("--generate", action="store_true", help="generate reference-scale data if landing is empty")
+    parser.add_argument("--label-delay", default="fixed:7", help="the generator's label delay for --lake (default fixed:7)")
+    parser.add_argument("--realistic-lake", default="",
+                        help="also run the protocol on this lake, generated with --label-delay realistic, and print "
+                             "what late labels cost")
     parser.add_argument("--json", default="", help="also write the results to this file")
     args, train_argv = parser.parse_known_args(argv)
     s = settings()
     lake = Lake.from_uri(args.lake or s.lake_uri)
     product = TrainConfig.from_argv(["--date", "2018-01-01", *train_argv])
     torch.set_num_threads(product.threads)
-    configs = {f"product default ({product.model}, {product.window_days}-day window)": product}
-    reference = CAL.reference_window_days
-    if product.window_days != reference:
-        configs[f"reference window ({product.model}, {reference} days)"] = replace(product, window_days=reference)
     starts = TEST_STARTS if args.folds == "test" else VALIDATION_STARTS
-    longest = max(c.window_days for c in configs.values())
-    mcfg = product.model_config()
-    lookback = model_history_days(mcfg.lookback_days, mcfg.terminal_len, mcfg.terminal_lookback_days) if mcfg.kind == "seq" else 0
-    first_train = min(min(fold_days(start, longest)[0]) for start in starts)
-    needed_from = max(DATA_START, first_train - timedelta(days=lookback))
-    ensure_features(lake, day_range(needed_from, max(fold_days(starts[-1], CAL.reference_window_days)[1])), args.generate)
-
-    results: dict[str, list[dict]] = {}
-    for label, cfg in configs.items():
-        results[label] = []
-        for start in starts:
-            fold = run_fold(lake, cfg, start, DATA_START, keep_scores=cfg is product)
-            results[label].append(fold)
-            print(f"quality: {label} fold {start}: AUC {fold['auc_roc']:.3f} AP {fold['average_precision']:.3f} "
-                  f"CP@100 {fold['card_precision@100']:.3f} ({fold['train_rows']} rows, {fold['train_seconds']} s)",
-                  flush=True)
-    product_label = next(iter(configs))
-    results["bound: product model, every fraud with evidence first"] = [
-        bound_fold(lake, start, fold.pop("scores")) for start, fold in zip(starts, results[product_label], strict=True)]
+    results = run_protocol(lake, product, starts, args.generate, args.label_delay)
+    out = {"folds": args.folds, "label_delay": args.label_delay, "results": results}
     print()
-    print(f"{args.folds} folds (training starts {', '.join(d.isoformat() for d in starts)}):")
+    print(f"{args.folds} folds (training starts {', '.join(d.isoformat() for d in starts)}), labels {args.label_delay}:")
     print(format_table(results, reference=args.folds == "test"))
+    if args.realistic_lake:
+        late = run_protocol(Lake.from_uri(args.realistic_lake), product, starts, args.generate, "realistic")
+        out["realistic"] = late
+        print()
+        print("realistic label delays (docs/contract.md, 'Labels as events'):")
+        print(format_table(late, reference=False))
+        print()
+        print("the cost of late labels (test folds, means):")
+        print(format_cost(results, late))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"folds": args.folds, "results": results}, indent=2, default=str))
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
     return 0
 
 

@@ -212,7 +212,9 @@ class Registry:
         if not self.schedule.is_training_day(day):
             raise RegistryError(f"{day} is not a scheduled training day; use a manual promote event")
         self.require_previous_decision(day)
-        if self.version(record["champion"]) is None:
+        if record["champion"] is None and record["outcome"] != REFUSED:
+            raise RegistryError(f"a {record['outcome']} decision must name its champion")
+        if record["champion"] is not None and self.version(record["champion"]) is None:
             raise RegistryError(f"decision names unregistered version {record['champion']}")
         stored, created = self._create(self._decision_path(day), record)
         if created:
@@ -285,6 +287,8 @@ class Registry:
         if not timeline:
             return None
         last = timeline[-1]
+        if last["version"] is None:  # refused before any model was promoted
+            return None
         record = self.version(last["version"])
         if record is None:
             raise RegistryError(f"champion {last['version']} is not registered")

@@ -120,7 +120,7 @@ def score_day(lake: Lake, registry: R.Registry, day: date, k: int, cache: dict[s
     inputs.append({"dataset": CHAMPION, "date": day.isoformat(), "digest": version})
     provenance = lineage("score", inputs, {"k": k, "model_version": version})
     if loaded.config.kind == "seq":
-        frame, history = read_for_model(lake, [day], loaded.config, registry.calendar.first_date)
+        frame, history = read_for_model(lake, [day], loaded.config, registry.calendar)
         scores = predict(loaded, frame, history, workers=workers)
         ids = {"TRANSACTION_ID": pa.array(frame.txid), "CUSTOMER_ID": pa.array(frame.card),
                "TX_DATETIME": pa.array(frame.time_us, pa.int64()).cast(pa.timestamp("us"))}

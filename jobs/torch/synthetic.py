@@ -2,7 +2,9 @@
 
 Not the simulator: rows are drawn directly in feature space with a learnable fraud signal
 (amounts far above the card's average, risky terminals), deterministic for (day, seed). Use
-the generator and the Spark feature job for anything about model quality.
+the generator and the Spark feature job for anything about model quality. Feature partitions hold
+no label, so :func:`publish_synthetic` also publishes the day's clean transactions with the labels
+inline (reported the label delay after each transaction) and an empty label feed.
 """
 
 from __future__ import annotations
@@ -12,8 +14,12 @@ from datetime import date, datetime
 import numpy as np
 import pyarrow as pa
 
+from jobs.common.lake import Dataset, Lake
 from jobs.common.schema import (
+    CLEAN_SCHEMA,
     FEATURE_SCHEMA,
+    LABEL,
+    LABEL_EVENT_SCHEMA,
     customer_avg_amount,
     customer_count,
     terminal_count,
@@ -22,6 +28,7 @@ from jobs.common.schema import (
 
 
 def synthetic_features(day: date, rows: int, seed: int = 0, cards: int = 500, fraud_rate: float = 0.03) -> pa.Table:
+    """FEATURE_SCHEMA columns and, last, the rows' ``TX_FRAUD`` (what :func:`publish_synthetic` splits off)."""
     rng = np.random.default_rng([seed, day.toordinal()])
     card_mean = np.random.default_rng(seed).uniform(5, 100, cards)
     card = rng.integers(0, cards, rows)
@@ -51,5 +58,16 @@ def synthetic_features(day: date, rows: int, seed: int = 0, cards: int = 500, fr
         risk = np.where(risky, rng.uniform(0.1, 0.6, rows), rng.uniform(0, 0.02, rows) * (rng.random(rows) < 0.1))
         cols[terminal_count(n)] = count.astype(np.int32)
         cols[terminal_risk(n)] = np.where(count > 0, risk, 0.0)
-    cols["TX_FRAUD"] = fraud.astype(np.int32)
-    return pa.table({f.name: pa.array(cols[f.name], f.type) for f in FEATURE_SCHEMA}, schema=FEATURE_SCHEMA)
+    cols[LABEL] = fraud.astype(np.int32)
+    schema = FEATURE_SCHEMA.append(CLEAN_SCHEMA.field(LABEL))
+    return pa.table({f.name: pa.array(cols[f.name], f.type) for f in schema}, schema=schema)
+
+
+def publish_synthetic(lake: Lake, day: date, table: pa.Table) -> None:
+    """Publish a :func:`synthetic_features` day: its features, its clean rows (labels inline) and an
+    empty label feed, as the pipeline would have them."""
+    lake.write_table(Dataset.FEATURES, day, table.select(FEATURE_SCHEMA.names))
+    clean = table.select([n for n in CLEAN_SCHEMA.names if n in table.column_names])
+    clean = clean.append_column("TX_FRAUD_SCENARIO", pa.nulls(len(clean), pa.int32())).select(CLEAN_SCHEMA.names)
+    lake.write_table(Dataset.CLEAN, day, clean.cast(CLEAN_SCHEMA))
+    lake.write_table(Dataset.CLEAN_LABELS, day, LABEL_EVENT_SCHEMA.empty_table())

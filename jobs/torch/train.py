@@ -39,7 +39,7 @@ from jobs.torch import metrics as M
 from jobs.torch import registry as R
 from jobs.torch.checkpoint import checkpoint_bytes, export_bytes, load_version
 from jobs.torch.data import model_history_days
-from jobs.torch.evaluate import decide
+from jobs.torch.evaluate import decide, fraud_labels
 from jobs.torch.fit import Dist, init_distributed, pick_device, train_model
 from jobs.torch.model import ModelConfig
 from jobs.torch.predict import predict
@@ -155,7 +155,7 @@ def train_version(lake: Lake, registry: R.Registry, cfg: TrainConfig, window: li
         return found
 
     started = time.time()
-    trained = train_model(lake, cfg, window, cal.first_date, device, ddp)
+    trained = train_model(lake, cfg, window, cal, device, ddp, labels_as_of=for_day)
     seconds = time.time() - started
     if not ddp.main:
         return None
@@ -215,8 +215,11 @@ def run(cfg: TrainConfig) -> int:
     if min(window) < cal.first_date:
         raise SystemExit(f"train {day}: the window {min(window)}..{max(window)} starts before the first date "
                          f"{cal.first_date}")
-    candidate = train_version(lake, registry, cfg, window, "candidate", device, ddp, day)
-    if ddp.main:
+    training_frauds = fraud_labels(lake, window, day, cal) if decision_day else 0
+    evident = training_frauds >= settings().min_fraud_labels
+    candidate = train_version(lake, registry, cfg, window, "candidate", device, ddp, day) if evident or not decision_day \
+        else {}
+    if ddp.main and candidate:
         print(f"train {day}: version {candidate['version']} on {min(window)}..{max(window)} -> {candidate['path']}")
     if not decision_day:
         if ddp.main:
@@ -225,6 +228,7 @@ def run(cfg: TrainConfig) -> int:
     record = decide(
         lake, registry, day, candidate or {}, cfg.recipe(), cfg.recipe_hash(), cfg.window_days,
         lambda val_window: train_version(lake, registry, cfg, val_window, "validation", device, ddp, day),
+        training_frauds,
     )
     if record is None or not ddp.main:
         return EXIT_OK
@@ -232,7 +236,7 @@ def run(cfg: TrainConfig) -> int:
     if outcome == "conflict":
         print(f"train {day}: a different decision was recorded for {day} first; it stands: {stored['outcome']} -> "
               f"champion {stored['champion']} ({stored['reason']}). This run's decision ({record['outcome']} -> "
-              f"{record['champion']}) was not recorded; its version {candidate['version']} stays registered.",
+              f"{record['champion']}) was not recorded; its version {candidate.get('version')} stays registered.",
               file=sys.stderr)
         return EXIT_FAILED
     print(f"train {day}: decision {stored['outcome']} -> champion {stored['champion']} ({stored['reason']})")

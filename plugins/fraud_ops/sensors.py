@@ -35,13 +35,24 @@ class _LakeSensor(BaseSensorOperator):
 
 
 class LandingSensor(_LakeSensor):
-    """Waits for ``landing/transactions/date=D/_SUCCESS``, written last by the source."""
+    """Waits for the ``_SUCCESS`` markers of D's landing data, written last by the sources: the
+    transactions, and the label feed's events unless the feed is off (``FRAUD_LABEL_FEED``)."""
+
+    def datasets(self) -> list[str]:
+        from jobs.common.config import settings
+        from jobs.common.contracts import step
+        from jobs.common.datasets import Dataset
+
+        landing = [r.dataset for r in step("clean").reads if r.dataset.startswith("landing/")]
+        return [d for d in landing if d != Dataset.LANDING_LABELS or settings().label_feed]
 
     def poke(self, context) -> bool:
-        ready = self._lake().landing_ready(_day(self.day))
-        if not ready:
-            self.log.info("landing of %s not complete yet (no _SUCCESS) in %s", self.day, self.lake)
-        return ready
+        lake, day = self._lake(), _day(self.day)
+        waiting = [d for d in self.datasets() if not lake.landing_ready(day, d)]
+        if waiting:
+            self.log.info("landing of %s not complete yet (no _SUCCESS) in %s: %s", self.day, self.lake,
+                          ", ".join(waiting))
+        return not waiting
 
 
 class InputsSensor(_LakeSensor):
