@@ -11,6 +11,7 @@ terminal's matured rows from D-14 .. D-8 (six columns), so it is measured on sma
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import time
@@ -56,7 +57,8 @@ def champion(lake: Lake, kind: str) -> str:
     registry = R.Registry(lake, TrainingSchedule(FIRST, every_days=10_000, window_days=7))
     version = f"{kind}-bench"
     load_version(ckpt, version)
-    registry.register_version(version, {R.CHECKPOINT: ckpt}, {"model": kind, "train_day": FIRST.isoformat()})
+    registry.register_version(version, {R.CHECKPOINT: ckpt}, {"model": kind, "train_day": FIRST.isoformat(),
+                                                               "checkpoint_sha256": hashlib.sha256(ckpt).hexdigest()})
     registry.add_event("promote", version, FIRST, "benchmark")
     return version
 

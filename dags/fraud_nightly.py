@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from airflow.providers.standard.operators.empty import EmptyOperator
-from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, task
+from airflow.sdk import (
+    Asset,
+    CronDataIntervalTimetable,
+    ExceptionRetryPolicy,
+    Param,
+    RetryAction,
+    RetryRule,
+    dag,
+    task,
+)
 from fraud_ops.config import orchestration
 from fraud_ops.notify import notify_failure
 from fraud_ops.runners import LocalProcessOperator, torch_task
@@ -29,12 +38,17 @@ ALERTS = Asset(name="fraud_alerts_cards", group="fraud_lake")
 REPORTS = Asset(name="fraud_reports", group="fraud_lake")
 
 DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
+# Data that failed the gate fails the same way on a retry: fail at once (any other error retries as usual).
+GATE_FAILS_AT_ONCE = ExceptionRetryPolicy(
+    rules=[RetryRule(exception="fraud_ops.gates.DataQualityError", action=RetryAction.FAIL,
+                     reason="the day's data failed the quality gate: fix the data, then clear the task")]
+)
 
 
 @dag(
     schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
     start_date=datetime.combine(STEP.first_date, datetime.min.time(), tzinfo=UTC),
-    catchup=False,
+    catchup=CFG.catchup,  # on: nights missed while the scheduler was down run when it is back, oldest first
     max_active_runs=CFG.max_active_runs,
     tags=["fraud", "spark", "pytorch", "nightly"],
     default_args={
@@ -43,7 +57,7 @@ DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
         "retry_delay": timedelta(seconds=CFG.retry_delay_seconds),
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": timedelta(hours=1),
-        "execution_timeout": timedelta(minutes=CFG.task_timeout_minutes),
+        "execution_timeout": CFG.timeout("default"),  # the steps below set their own
         "on_failure_callback": notify_failure,
     },
     params={
@@ -86,7 +100,8 @@ def fraud_nightly():
        **wait_for_feature_history** for the feature days the model's history reads, then **score**
        scores D with the champion as of D and writes the top-k alerts (skipped, with the reason,
        when there is no champion yet);
-    7. **report** writes `reports/date=D/` (JSON and a page with plots).
+    7. **report** writes `reports/date=D/` (JSON and a page with plots), also when a step failed:
+       its "Steps" table says which and why.
 
     Every sensor waits for what the step after it reads, as the step contracts declare
     (`jobs/common/contracts.py`, day offsets from `jobs/common/calendar.py`; docs/contract.md).
@@ -95,9 +110,24 @@ def fraud_nightly():
     """
 
     @task(multiple_outputs=True)
-    def plan(params=None, data_interval_start=None, dag_run=None) -> dict:
-        """The day D this run processes (the form's date, else the data interval) and the lake."""
+    def plan(params=None, data_interval_start=None, dag_run=None, ti=None) -> dict:
+        """The day D this run processes (the form's date, else the data interval) and the lake.
+
+        A backfill must run oldest first: every night waits for the days before it, so newest
+        first (``--run-backwards``) would hold the run slots with nights waiting for nights that
+        cannot start. A backfill night whose previous night is still queued fails here at once,
+        saying so, and publishes nothing.
+        """
+        from airflow.sdk.exceptions import AirflowFailException
+
         from jobs.common.calendar import ONE_DAY, parse_day
+
+        if dag_run.run_type == "backfill" and dag_run.logical_date is not None:
+            previous = dag_run.logical_date - ONE_DAY
+            if ti.get_dr_count(dag_id=dag_run.dag_id, logical_dates=[previous], states=["queued"]):
+                raise AirflowFailException(
+                    f"the run of {previous.date()} has not started: a backfill runs nights oldest first "
+                    "(every night reads the nights before it); create it without --run-backwards")
 
         if params.get("date"):
             day = parse_day(params["date"])
@@ -107,7 +137,7 @@ def fraud_nightly():
             day = dag_run.run_after.date() - ONE_DAY
         return {"day": day.isoformat(), "lake": settings().lake_uri}
 
-    @task
+    @task(retry_policy=GATE_FAILS_AT_ONCE)
     def quality_gate(lake: str, day: str) -> dict:
         from fraud_ops.config import gate_thresholds
         from fraud_ops.gates import check_day
@@ -123,7 +153,10 @@ def fraud_nightly():
 
     run = plan()
     lake, day = run["lake"], run["day"]
-    wait = {"poke_interval": CFG.poke_seconds, "timeout": CFG.wait_timeout_hours * 3600, "mode": CFG.sensor_mode}
+    # a sensor's wait is bounded by its timeout; in poke mode the wait is one execution, so no execution_timeout
+    poke_limit = {"execution_timeout": None} if CFG.sensor_mode == "poke" else {}
+    wait = {"poke_interval": CFG.poke_seconds, "timeout": CFG.wait_timeout_hours * 3600, "mode": CFG.sensor_mode,
+            **poke_limit}
 
     landing = LandingSensor(
         task_id="wait_for_landing",
@@ -132,6 +165,7 @@ def fraud_nightly():
         poke_interval=CFG.poke_seconds,
         timeout=CFG.landing_timeout_hours * 3600,
         mode=CFG.sensor_mode,
+        **poke_limit,
     )
     label_history = InputsSensor(
         task_id="wait_for_label_history", steps="clean", dataset=Dataset.CLEAN, lake=lake, day=day, **wait,
@@ -139,6 +173,7 @@ def fraud_nightly():
     clean = SparkJobOperator(
         task_id="clean", job="clean", lake=lake, day=day, conn_id=CFG.spark_conn_id,
         conf=CFG.spark_conf, driver_memory=STEP.spark_driver_memory, outlets=[CLEAN, QUARANTINE, LABELS],
+        execution_timeout=CFG.timeout("clean"),
     )  # fmt: skip
     clean_history = InputsSensor(
         task_id="wait_for_clean_history", steps=("quality_gate", "features"), dataset=Dataset.CLEAN,
@@ -150,6 +185,7 @@ def fraud_nightly():
     features = SparkJobOperator(
         task_id="features", job="features", lake=lake, day=day, conn_id=CFG.spark_conn_id,
         conf=CFG.spark_conf, driver_memory=STEP.spark_driver_memory, outlets=[FEATURES],
+        execution_timeout=CFG.timeout("features"),
     )  # fmt: skip
     training_inputs = InputsSensor(
         task_id="wait_for_training_inputs", steps="train", dataset=Dataset.FEATURES, lake=lake, day=day,
@@ -160,7 +196,7 @@ def fraud_nightly():
         "train", "train",
         ["--lake", lake, "--date", day, "--window-days", "{{ params.window_days }}",
          "--model", "{{ params.model }}", "--seed", "{{ params.seed }}"],
-        CFG, file_lake_uri=STEP.lake_uri, outlets=[MODELS],
+        CFG, file_lake_uri=STEP.lake_uri, outlets=[MODELS], execution_timeout=CFG.timeout("train"),
     )  # fmt: skip
     no_training = EmptyOperator(task_id="no_training")
     decision = DecisionSensor(
@@ -173,10 +209,12 @@ def fraud_nightly():
     score = torch_task(
         "score", "score", ["--lake", lake, "--date", day, "--k", "{{ params.k }}"],
         CFG, skip_on_exit_code=EXIT_NO_CHAMPION, file_lake_uri=STEP.lake_uri, outlets=[SCORES, ALERTS],
+        execution_timeout=CFG.timeout("score"),
     )  # fmt: skip
     report = LocalProcessOperator(
         task_id="report", command=["python", "-m", "jobs.report", "--lake", lake, "--date", day],
-        trigger_rule="none_failed", outlets=[REPORTS],
+        trigger_rule="all_done",  # also on a day whose steps failed: the report says which and why
+        outlets=[REPORTS], execution_timeout=CFG.timeout("report"),
     )  # fmt: skip
 
     gate = quality_gate(lake, day)

@@ -77,6 +77,14 @@ def create_metadata_engine(sql_alchemy_conn, *, engine_args, connect_args):
 '''
 
 
+def write_secret(path: Path, text: str) -> None:
+    """Write a secret readable by this user only (0600 from the start, never world-readable)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -120,10 +128,10 @@ class LocalAirflow:
         self.procs: dict[str, subprocess.Popen] = {}
         bin_dir = Path(sys.executable).parent
         passwords = self.home / "passwords.json"
-        passwords.write_text(json.dumps({ADMIN_USER: self.password}))
+        write_secret(passwords, json.dumps({ADMIN_USER: self.password}))
         secret_file = self.home / "secret.key"
         if not secret_file.exists():
-            secret_file.write_text(secrets.token_urlsafe(32))
+            write_secret(secret_file, secrets.token_urlsafe(32))
         secret = secret_file.read_text()
         self.env = {
             **os.environ,
@@ -139,6 +147,9 @@ class LocalAirflow:
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": str(parallelism),
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            # the launcher's DAG is unpaused at once: without this the scheduler would start every
+            # night since FRAUD_FIRST_DATE beside the runs asked for (set it to true to see catch-up)
+            "FRAUD_CATCHUP": os.environ.get("FRAUD_CATCHUP", "false"),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
@@ -312,14 +323,14 @@ def main() -> int:
     password_file = Path(args.home) / "admin.password"
     password = password_file.read_text().strip() if password_file.exists() else secrets.token_urlsafe(12)
     Path(args.home).mkdir(parents=True, exist_ok=True)
-    password_file.write_text(password)
+    write_secret(password_file, password)
     af = LocalAirflow(Path(args.home), args.lake, port=args.port, password=password)
     af.init()
     af.start("api-server", "dag-processor", "scheduler", "triggerer")
     try:
         af.wait_ready()
         af.wait_for_dag("fraud_nightly")
-        print(f"\nAirflow is up: {af.url}  (user {ADMIN_USER}, password in {password_file}: {password})")
+        print(f"\nAirflow is up: {af.url}  (user {ADMIN_USER}; the password is in {password_file})")
         print(f"DAG fraud_nightly: {af.url}/dags/fraud_nightly   lake: {args.lake}")
         print(f"logs: {args.home}/*.log   stop with Ctrl-C")
         while True:

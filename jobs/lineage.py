@@ -1,4 +1,4 @@
-"""``python -m jobs.lineage status|repair|migrate --lake URI``: stale partitions, seen and repaired.
+"""``python -m jobs.lineage status|repair|migrate|abandon --lake URI``: stale partitions, seen and repaired.
 
 Every published partition records the inputs it was computed from, each with the content digest it
 had then (``jobs.common.provenance``). A partition is *stale* when an input's digest now differs
@@ -13,6 +13,10 @@ which changes decisions, so ``repair`` only says what a retrain would touch.
     repair   recompute the stale partitions in dependency order (clean, features, score, report)
              with the same jobs, range runs where days are consecutive, until status says 0 or 2
     migrate  store content digests in manifests written before they existed (no data rewritten)
+    abandon  ``--step clean|features --date D --reason …``: record that a day of that step's outputs
+             will never be published (a failed gate nobody will fix), so the days that read it as
+             history stop waiting and go on without it; their lineage names it, and if it is
+             published after all they show as stale here
 
 ``repair`` is safe beside the scheduler: every job publishes through the lake's attempt folders
 and manifests, so a reader sees the old or the new partition whole, and two writers of one
@@ -301,6 +305,18 @@ def migrate(lake: Lake) -> int:
     return changed
 
 
+ABANDONABLE = ("clean", "features")  # steps whose days others read as history
+
+
+def abandon(lake: Lake, step_name: str, day: date, reason: str) -> list[dict]:
+    """Abandon the unpublished outputs of ``step_name`` for D (``Lake.abandon``); return the records.
+    Refuses a day whose outputs are all published: there is nothing missing to give up."""
+    missing = [d for d in contracts.step(step_name).writes if not lake.is_published(d, day)]
+    if not missing:
+        raise ValueError(f"every output of {step_name} for {day} is published: nothing to abandon")
+    return [lake.abandon(dataset, day, reason)[0] for dataset in missing]
+
+
 # --- CLI --------------------------------------------------------------------------------------------
 def _print_status(result: Status, as_json: bool) -> None:
     if as_json:
@@ -320,13 +336,18 @@ def _print_status(result: Status, as_json: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.lineage", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("status", "repair", "migrate"))
+    parser.add_argument("command", choices=("status", "repair", "migrate", "abandon"))
     parser.add_argument("--lake", default=None, help="lake root URI (default: FRAUD_LAKE_URI)")
     parser.add_argument("--start", type=parse_day, help="only partitions of days >= this")
     parser.add_argument("--end", type=parse_day, help="only partitions of days <= this")
     parser.add_argument("--json", action="store_true", help="status as JSON")
     parser.add_argument("--dry-run", action="store_true", help="repair: print the commands, run nothing")
+    parser.add_argument("--step", choices=ABANDONABLE, help="abandon: the step whose outputs of --date are given up")
+    parser.add_argument("--date", type=parse_day, help="abandon: the day")
+    parser.add_argument("--reason", help="abandon: why (recorded)")
     args = parser.parse_args(argv)
+    if args.command == "abandon" and not (args.step and args.date and args.reason):
+        parser.error("abandon needs --step, --date and --reason")
     try:
         from jobs.common.config import settings
 
@@ -334,6 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cal = calendar()
         if args.command == "migrate":
             print(f"lineage migrate: {migrate(lake)} manifests given content digests")
+            return EXIT_OK
+        if args.command == "abandon":
+            for record in abandon(lake, args.step, args.date, args.reason):
+                print(json.dumps(record, sort_keys=True))
             return EXIT_OK
         if args.command == "repair":
             result = repair(lake, args.start, args.end, cal, dry_run=args.dry_run)

@@ -41,11 +41,30 @@ def _manifest_rows(lake: Lake, dataset: str, day: date) -> int | None:
 
 
 def _latest_run_record(lake: Lake, step: str, day: date) -> dict | None:
-    folder = posixpath.dirname(lake.run_record_path(step, day, "x"))
-    records = [lake.read_json(i.path) for i in lake.list_files(folder) if i.path.endswith(".json")]
-    if not records:
-        return None
-    return max(records, key=lambda r: str(r.get("finished_at") or r.get("time") or "")) if len(records) > 1 else records[0]
+    return lake.latest_run_record(step, day)
+
+
+STEP_OUTPUTS = (("clean", Dataset.CLEAN), ("quality_gate", None), ("features", Dataset.FEATURES),
+                ("score", Dataset.SCORES))
+
+
+def step_status(lake: Lake, day: date) -> list[dict]:
+    """What became of each step for D, and why where it did not publish: the report runs on a day
+    whose steps failed, and says so."""
+    out = []
+    for step_name, dataset in STEP_OUTPUTS:
+        record = lake.latest_run_record(step_name, day) or {}
+        if dataset is None:  # the gate publishes nothing: its verdict is its run record
+            status = "not run" if not record else "passed" if record.get("passed") else "failed"
+            reason = "; ".join(record.get("failures") or []) or None
+        elif lake.is_published(dataset, day):
+            status, reason = "published", None
+        elif (abandoned := lake.abandoned(dataset, day)) is not None:
+            status, reason = "abandoned", abandoned["reason"]
+        else:
+            status, reason = record.get("status") or "not run", record.get("reason")
+        out.append({"step": step_name, "status": status, "reason": reason})
+    return out
 
 
 def counts(lake: Lake, day: date) -> dict:
@@ -230,6 +249,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{margin:0.5em
 <h1>Nightly fraud report: {report['date']}</h1>
 <h2>Counts</h2>{_table([c], ["rows_in", "clean", "quarantined", "duplicates_collapsed", "label_updates", "features", "scored", "alerts"])}
 <p>Quarantined by reason: {html.escape(json.dumps(c.get("quarantined_by_reason") or {}))}</p>
+<h2>Steps</h2>{_table(report["steps"], ["step", "status", "reason"])}
 <h2>Data quality</h2><p>{html.escape(quality)}</p>
 <h2>Model</h2><p>{html.escape(m["status"])}; champion {_fmt(champion.get("version"))} ({_fmt(champion.get("model"))},
 trained {_fmt(champion.get("train_day"))}, champion since {_fmt(champion.get("champion_since"))}).
@@ -254,6 +274,7 @@ def build_report(lake: Lake, day: date, k: int | None = None) -> tuple[dict, dic
     report = {
         "date": day.isoformat(),
         "counts": counts(lake, day),
+        "steps": step_status(lake, day),
         "quality": _latest_run_record(lake, "quality_gate", day),
         "model": model_section(lake, day, cal),
         "scoring": {

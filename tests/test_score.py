@@ -90,6 +90,30 @@ def test_alerts_are_the_top_k_cards_by_max_score(trained_lake):
     np.testing.assert_array_equal(a["score"].to_numpy(), per_card["max"].to_numpy())
     assert a["n_tx"].tolist() == per_card["size"].tolist()
     assert a["rank"].tolist() == list(range(1, 26))
+    # one write publishes the pair: the alerts' manifest names the very scores attempt readers get
+    embedded = lake._own_manifest(Dataset.ALERTS, day)["companions"][Dataset.SCORES]
+    assert embedded["attempt"] == lake.manifest(Dataset.SCORES, day)["attempt"]
+
+
+@pytest.mark.parametrize("killed_at", [Dataset.SCORES, Dataset.ALERTS])
+def test_scoring_killed_at_either_manifest_leaves_scores_and_alerts_of_one_run(trained_lake, monkeypatch, killed_at):
+    lake = trained_lake
+    day = date(2018, 4, 20)
+    assert score.main(["--lake", lake.uri, "--date", day.isoformat(), "--k", "5"]) == 0
+    real_write_json = type(lake).write_json
+
+    def killed(self, path, obj):
+        if f"{killed_at}/" in path and path.endswith("_MANIFEST.json"):
+            raise OSError("killed")
+        return real_write_json(self, path, obj)
+
+    monkeypatch.setattr(type(lake), "write_json", killed)
+    with pytest.raises(OSError):
+        score.score_day(lake, R.Registry(lake), day, k=7, cache={})
+    monkeypatch.setattr(type(lake), "write_json", real_write_json)
+    k_of_scores = lake.manifest(Dataset.SCORES, day)["lineage"]["parameters"]["k"]
+    assert lake.read_table(Dataset.ALERTS, day).num_rows == k_of_scores  # alerts and scores of one run
+    assert lake.read_table(Dataset.SCORES, day).num_rows > 0
 
 
 def test_alert_ranks_break_ties_by_card():

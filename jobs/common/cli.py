@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import date
 
@@ -54,15 +55,26 @@ def parse_days(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
 
 
 def not_done(step: str, days: Sequence[date], error: BaseException | str, failed_on: date | None = None,
-             code: int = EXIT_FAILED) -> int:
-    """Say what failed and which days are not done (the range can be rerun from the first one)."""
+             code: int = EXIT_FAILED, lake=None) -> int:
+    """Say what failed and which days are not done (the range can be rerun from the first one).
+
+    With ``lake``, the day it failed on gets a run record saying why (the report of that day shows it).
+    """
     where = f" on {failed_on}" if failed_on else ""
     print(f"{step}: failed{where}: {error}" if code == EXIT_FAILED else f"{step}: {error}", file=sys.stderr)
     print(f"{step}: days not done: {format_days(days)}", file=sys.stderr)
+    if lake is not None and days:
+        status = "failed" if code == EXIT_FAILED else "waiting"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        try:
+            lake.write_run_record(step, failed_on or days[0], uuid.uuid4().hex[:16],
+                                  {"date": (failed_on or days[0]).isoformat(), "status": status, "reason": reason})
+        except Exception as exc:  # noqa: BLE001 - the step's own error is the one to report
+            print(f"{step}: could not record the failure: {exc}", file=sys.stderr)
     return code
 
 
-def run_each(step: str, days: Sequence[date], body: Callable[[date], None]) -> int:
+def run_each(step: str, days: Sequence[date], body: Callable[[date], None], lake=None) -> int:
     """Run ``body`` for each day in order; a failure or a wait names the days not done from there."""
     for i, day in enumerate(days):
         try:
@@ -70,5 +82,5 @@ def run_each(step: str, days: Sequence[date], body: Callable[[date], None]) -> i
         except Waiting as exc:
             return not_done(step, days[i:], exc, code=EXIT_WAITING)
         except Exception as exc:  # noqa: BLE001 - reported with the days not done
-            return not_done(step, days[i:], exc, failed_on=day)
+            return not_done(step, days[i:], exc, failed_on=day, lake=lake)
     return EXIT_OK

@@ -37,6 +37,7 @@ class Settings:
     label_lookback_days: int
     label_feed: bool
     min_fraud_labels: int
+    max_amount: float
     train_every_days: int
     train_window_days: int
     model: str
@@ -56,6 +57,7 @@ ENV_DOC = {
     "FRAUD_LABEL_LOOKBACK_DAYS": "a label event must name a clean transaction of this many days before it (default 120)",
     "FRAUD_LABEL_FEED": "on (default): every day has a landing/labels partition to wait for; off: inline labels only",
     "FRAUD_MIN_FRAUD_LABELS": "fewest fraud labels a training window or validation week needs to promote (default 10)",
+    "FRAUD_MAX_AMOUNT": "amounts above this are quarantined as amount_above_bound (default 1e9, at most 1e12)",
     "FRAUD_TRAIN_EVERY_DAYS": "days between training days (default 7)",
     "FRAUD_TRAIN_WINDOW_DAYS": "length of the labelled training window in days (default 21, chosen on validation folds)",
     "FRAUD_MODEL": "model kind trained by default: seq (card and terminal history, default) or mlp",
@@ -71,6 +73,13 @@ ENV_DOC = {
 }
 
 
+def _max_amount(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1e12:  # the features' exact window sums hold amounts up to 1e12
+        raise ValueError(f"FRAUD_MAX_AMOUNT must be in (0, 1e12], got {text}")
+    return value
+
+
 def default_lake_uri() -> str:
     return (REPO_ROOT / ".lake").as_uri()
 
@@ -84,6 +93,7 @@ def settings() -> Settings:
         label_lookback_days=int(_env("FRAUD_LABEL_LOOKBACK_DAYS", "120")),
         label_feed=_env("FRAUD_LABEL_FEED", "on").lower() not in ("off", "0", "false", "no", "none"),
         min_fraud_labels=int(_env("FRAUD_MIN_FRAUD_LABELS", "10")),
+        max_amount=_max_amount(_env("FRAUD_MAX_AMOUNT", "1e9")),
         train_every_days=int(_env("FRAUD_TRAIN_EVERY_DAYS", "7")),
         train_window_days=int(_env("FRAUD_TRAIN_WINDOW_DAYS", "21")),
         model=_env("FRAUD_MODEL", "seq"),

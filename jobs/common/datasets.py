@@ -19,3 +19,14 @@ class Dataset:
     SCORES = "scores/transactions"
     ALERTS = "alerts/cards"
     REPORTS = "reports"
+
+
+# Partitions written in pairs by one run, and the one that commits both. The committing manifest
+# embeds its companion's, and a reader of the companion takes the embedded one when the two differ
+# (a crash between the two writes): both from the same run, or neither new (jobs.common.lake).
+COMMITTED_BY = {
+    Dataset.QUARANTINE: Dataset.CLEAN,
+    Dataset.QUARANTINE_LABELS: Dataset.CLEAN_LABELS,
+    Dataset.SCORES: Dataset.ALERTS,
+}
+

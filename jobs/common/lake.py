@@ -11,9 +11,11 @@ of the partition, then writes ``_MANIFEST.json`` naming that attempt and its fil
 is one small object written in one step (a rename on a file system, a single PUT on S3), so a
 reader that goes through the manifest sees either the previous complete partition or the new
 complete one, never a mixture. Two writers of one partition cannot interleave: the last manifest
-written wins whole. After publishing, the writer removes the attempt it superseded and any other
-attempt folder older than ``STALE_ATTEMPT_SECONDS`` (leftovers of crashed runs); younger unnamed
-folders may belong to a writer still at work and are left alone. Readers never list attempt
+written wins whole. After publishing, the writer marks the attempt it superseded and removes the
+ones whose time has come (:meth:`Lake.collect_garbage`): superseded attempts after a grace period
+(a reader may be in the middle of one), unnamed ones older than ``STALE_ATTEMPT_SECONDS``
+(leftovers of crashed runs; younger unnamed folders may belong to a writer still at work), and
+never the attempt the manifest names at that moment. Readers never list attempt
 folders themselves: they ask for :meth:`Lake.partition_files`.
 
 A published partition may hold zero rows ("the source had no data"); an unpublished one
@@ -26,12 +28,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import posixpath
 import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Any
 from urllib.parse import urlparse
 
@@ -42,13 +45,18 @@ import pyarrow.parquet as pq
 
 from jobs.common.calendar import day_range, parse_day  # noqa: F401 - re-exported for callers
 from jobs.common.config import S3Settings, settings
-from jobs.common.datasets import Dataset
+from jobs.common.datasets import COMMITTED_BY, Dataset
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "_MANIFEST.json"
 MANIFEST_FORMAT = 2  # 2: files carry sha256, the manifest a content digest and the partition's lineage
 SUCCESS = "_SUCCESS"
 ATTEMPT_PREFIX = "attempt="
 STALE_ATTEMPT_SECONDS = 6 * 3600
+SUPERSEDED_GRACE_SECONDS = 15 * 60  # a reader of the previous manifest has this long to finish
+SUPERSEDED = "_SUPERSEDED"
+ABANDONED = "_ABANDONED.json"  # an operator's record that a partition will never be published
 
 
 MODELS = Dataset.MODELS
@@ -87,17 +95,56 @@ class Attempt:
     spark_uri: str  # the same folder as Spark names it (file:// or s3a://)
 
 
+# Every S3 call has a deadline and a bounded number of attempts: a store that stops answering makes a
+# step fail with a clear error in about a minute, never hang.
+S3_CONNECT_TIMEOUT_S = 5
+S3_REQUEST_TIMEOUT_S = 30
+S3_MAX_ATTEMPTS = 4
+_S3_CLIENTS: dict[tuple, Any] = {}  # one pyarrow file system and one boto3 client per process and store
+
+
+def _endpoint(s3: S3Settings) -> dict[str, str]:
+    if not s3.endpoint_url:
+        return {}
+    parsed = urlparse(s3.endpoint_url)
+    if parsed.scheme:
+        return {"endpoint_override": parsed.netloc, "scheme": parsed.scheme}
+    return {"endpoint_override": s3.endpoint_url}
+
+
+def _s3_key(s3: S3Settings, kind: str) -> tuple:
+    return (kind, s3.endpoint_url, s3.region, s3.access_key, s3.secret_key, s3.session_token)
+
+
 def _s3_filesystem(s3: S3Settings) -> pafs.S3FileSystem:
-    kwargs: dict[str, Any] = {"region": s3.region}
-    if s3.access_key and s3.secret_key:
-        kwargs.update(access_key=s3.access_key, secret_key=s3.secret_key, session_token=s3.session_token)
-    if s3.endpoint_url:
-        parsed = urlparse(s3.endpoint_url)
-        if parsed.scheme:
-            kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
-        else:
-            kwargs.update(endpoint_override=s3.endpoint_url)
-    return pafs.S3FileSystem(**kwargs)
+    key = _s3_key(s3, "pyarrow")
+    if key not in _S3_CLIENTS:
+        kwargs: dict[str, Any] = {"region": s3.region, **_endpoint(s3), "connect_timeout": S3_CONNECT_TIMEOUT_S,
+                                  "request_timeout": S3_REQUEST_TIMEOUT_S,
+                                  "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)}
+        if s3.access_key and s3.secret_key:
+            kwargs.update(access_key=s3.access_key, secret_key=s3.secret_key, session_token=s3.session_token)
+        _S3_CLIENTS[key] = pafs.S3FileSystem(**kwargs)
+    return _S3_CLIENTS[key]
+
+
+@dataclass(frozen=True)
+class WorkerFilesystem:
+    """How a Spark task opens the lake's file system: the store's address, never its credentials
+    (an executor takes those from its own environment, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY,
+    as any AWS client does). What Spark pickles into its tasks is this, not an authenticated client."""
+
+    scheme: str  # "file" or "s3"
+    region: str = ""
+    endpoint: tuple[tuple[str, str], ...] = ()
+
+    def open(self) -> pafs.FileSystem:
+        if self.scheme == "file":
+            return pafs.LocalFileSystem()
+        return pafs.S3FileSystem(region=self.region, connect_timeout=S3_CONNECT_TIMEOUT_S,
+                                 request_timeout=S3_REQUEST_TIMEOUT_S,
+                                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+                                 **dict(self.endpoint))
 
 
 class Lake:
@@ -154,7 +201,7 @@ class Lake:
 
     def read_bytes(self, fs_path: str) -> bytes:
         try:
-            with self.fs.open_input_stream(fs_path) as f:
+            with self.fs.open_input_stream(fs_path, compression=None) as f:
                 return f.read()
         except FileNotFoundError as exc:
             raise LakeError(f"not found: {self.to_uri(fs_path)}") from exc
@@ -165,11 +212,11 @@ class Lake:
         if self.scheme == "file":
             self.fs.create_dir(parent, recursive=True)
             tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(fs_path)}")
-            with self.fs.open_output_stream(tmp) as f:
+            with self.fs.open_output_stream(tmp, compression=None) as f:
                 f.write(data)
             self.fs.move(tmp, fs_path)  # rename(2): atomic replace
         else:
-            with self.fs.open_output_stream(fs_path) as f:  # one PUT: atomic on S3
+            with self.fs.open_output_stream(fs_path, compression=None) as f:  # one PUT: atomic on S3
                 f.write(data)
 
     def put_if_absent(self, fs_path: str, data: bytes) -> bool:
@@ -190,7 +237,7 @@ class Lake:
                 os.link(tmp, fs_path)
                 return True
             except FileExistsError:
-                return False
+                return self.read_bytes(fs_path) == data  # as on S3: the same bytes there count as ours
             finally:
                 os.unlink(tmp)
         bucket, _, key = fs_path.partition("/")
@@ -201,22 +248,37 @@ class Lake:
         except client.exceptions.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                return False
+                # The client retries a PUT whose answer was lost: the object may be this very write.
+                # The same bytes there count as ours, so a lost answer never records a thing twice.
+                return self.read_bytes(fs_path) == data
             raise
 
     def boto3_client(self):
-        """A boto3 S3 client with this lake's settings (for what pyarrow's S3 cannot do)."""
+        """The process's boto3 S3 client for this store (for what pyarrow's S3 cannot do), with the
+        same deadlines and bounded retries as the file system."""
         import boto3
+        from botocore.config import Config
 
         s3 = self._s3 or settings().s3
-        return boto3.client(
-            "s3",
-            endpoint_url=s3.endpoint_url,
-            region_name=s3.region,
-            aws_access_key_id=s3.access_key,
-            aws_secret_access_key=s3.secret_key,
-            aws_session_token=s3.session_token,
-        )
+        key = _s3_key(s3, "boto3")
+        if key not in _S3_CLIENTS:
+            _S3_CLIENTS[key] = boto3.client(
+                "s3",
+                endpoint_url=s3.endpoint_url,
+                region_name=s3.region,
+                aws_access_key_id=s3.access_key,
+                aws_secret_access_key=s3.secret_key,
+                aws_session_token=s3.session_token,
+                config=Config(connect_timeout=S3_CONNECT_TIMEOUT_S, read_timeout=S3_REQUEST_TIMEOUT_S,
+                              retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}),
+            )
+        return _S3_CLIENTS[key]
+
+    def worker_filesystem(self) -> WorkerFilesystem:
+        if self.scheme == "file":
+            return WorkerFilesystem("file")
+        s3 = self._s3 or settings().s3
+        return WorkerFilesystem("s3", s3.region, tuple(sorted(_endpoint(s3).items())))
 
     def read_json(self, fs_path: str) -> Any:
         return json.loads(self.read_bytes(fs_path))
@@ -268,15 +330,19 @@ class Lake:
         return self.exists(posixpath.join(self.partition_path(dataset, day), SUCCESS))
 
     def landing_files(self, day: date, dataset: str = Dataset.LANDING) -> list[pafs.FileInfo]:
-        """Data files of landing day D (``*.parquet`` / ``*.csv``), hidden names skipped."""
+        """Every file of landing day D but the hidden ones (``_SUCCESS``, ``.tmp``…), sorted by name.
+
+        Files of a kind the clean step cannot read are listed too: it refuses the day naming them
+        rather than ignore rows it was sent (``LANDING_SUFFIXES``)."""
         folder = self.partition_path(dataset, day)
-        return [
-            info
-            for info in self.list_dir(folder)
-            if info.type == pafs.FileType.File
-            and not info.base_name.startswith(("_", "."))
-            and info.base_name.lower().endswith((".parquet", ".csv"))
-        ]
+        return sorted(
+            (
+                info
+                for info in self.list_dir(folder)
+                if info.type == pafs.FileType.File and not info.base_name.startswith(("_", "."))
+            ),
+            key=lambda info: info.base_name,
+        )
 
     def write_landing(self, day: date, table: pa.Table, fmt: str = "parquet", name: str = "part-00000",
                       dataset: str = Dataset.LANDING) -> str:
@@ -307,15 +373,66 @@ class Lake:
 
     # --- published partitions ------------------------------------------------------------------
     def manifest(self, dataset: str, day: date) -> dict | None:
+        """The published manifest of a partition (None if unpublished).
+
+        A dataset written in a pair (``COMMITTED_BY``) is published by its partner's manifest, which
+        embeds this one's: where the two differ (the writer stopped between them) the embedded one
+        is the truth, so a reader sees both of a pair from the same run.
+        """
+        own = self._own_manifest(dataset, day)
+        primary = COMMITTED_BY.get(dataset)
+        if primary is None:
+            return own
+        embedded = ((self._own_manifest(primary, day) or {}).get("companions") or {}).get(dataset)
+        if embedded is not None and (own is None or own.get("attempt") != embedded.get("attempt")):
+            return embedded
+        return own
+
+    def _own_manifest(self, dataset: str, day: date) -> dict | None:
         path = posixpath.join(self.partition_path(dataset, day), MANIFEST)
         try:
-            with self.fs.open_input_stream(path) as f:
+            with self.fs.open_input_stream(path, compression=None) as f:
                 return json.loads(f.read())
         except FileNotFoundError:
             return None
 
     def is_published(self, dataset: str, day: date) -> bool:
         return self.manifest(dataset, day) is not None
+
+    # --- abandoned partitions ------------------------------------------------------------------
+    def abandon(self, dataset: str, day: date, reason: str, by: str = "operator") -> tuple[dict, bool]:
+        """Record that partition D of ``dataset`` will never be published (a day nobody will fix), so
+        the steps that read it as history go on without it and name it in their lineage. Once only:
+        returns (the record, whether this call created it). A day published later simply is
+        published again (what skipped it shows as stale)."""
+        if not reason.strip():
+            raise ValueError("abandoning a day needs a reason")
+        day = parse_day(day)
+        if self.is_published(dataset, day):
+            raise LakeError(f"{dataset} date={day} is published: there is nothing to abandon")
+        record = {"dataset": dataset, "date": day.isoformat(), "reason": reason, "by": by,
+                  "recorded_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        path = posixpath.join(self.partition_path(dataset, day), ABANDONED)
+        created = self.put_if_absent(path, json.dumps(record, sort_keys=True).encode())
+        return (record if created else self.read_json(path)), created
+
+    def abandoned(self, dataset: str, day: date) -> dict | None:
+        """The abandonment record of an unpublished partition (None if it is published or not abandoned)."""
+        path = posixpath.join(self.partition_path(dataset, day), ABANDONED)
+        try:
+            record = json.loads(self.read_bytes(path))
+        except LakeError:
+            return None
+        return None if self.is_published(dataset, day) else record
+
+    def awaited(self, dataset: str, days: Iterable[date]) -> list[date]:
+        """Those of ``days`` a reader still waits for: not published and not abandoned."""
+        return [d for d in days if not self.is_published(dataset, d) and self.abandoned(dataset, d) is None]
+
+    def readable(self, dataset: str, days: Iterable[date]) -> list[date]:
+        """``days`` without the abandoned ones (what a reader of history reads; a day neither
+        published nor abandoned still raises when read)."""
+        return [d for d in days if self.is_published(dataset, d) or self.abandoned(dataset, d) is None]
 
     def partition_dates(self, dataset: str) -> list[date]:
         """Days that have a ``date=D`` folder (published or not), in date order."""
@@ -359,9 +476,14 @@ class Lake:
         return self.write_file(attempt, name, buf.getvalue(), table.num_rows)
 
     def publish(
-        self, attempt: Attempt, stats: dict | None = None, lineage: dict | None = None, files: list[dict] | None = None
+        self, attempt: Attempt, stats: dict | None = None, lineage: dict | None = None, files: list[dict] | None = None,
+        companions: Sequence[dict] = (),
     ) -> dict:
         """Make an attempt's files the partition's content, atomically; return the manifest.
+
+        ``companions`` are :meth:`prepare`'d manifests of the datasets this one commits
+        (``COMMITTED_BY``): this manifest embeds them and is written first, so its one write
+        publishes the pair; their own manifests follow.
 
         ``files`` are the records of what the writer wrote (:meth:`write_file`, or the
         ``(name, rows, bytes, sha256)`` a Spark task reports); the attempt folder must hold exactly
@@ -370,6 +492,35 @@ class Lake:
         read from its footer and its bytes hashed. The manifest's ``digest`` covers the files'
         contents and row counts, never the attempt id: an identical recompute keeps it.
         """
+        for companion in companions:
+            if COMMITTED_BY.get(companion["dataset"]) != attempt.dataset or companion["date"] != attempt.day.isoformat():
+                raise LakeError(f"{attempt.dataset} date={attempt.day} does not commit {companion['dataset']} "
+                                f"date={companion['date']}")
+        previous = {c["dataset"]: self.manifest(c["dataset"], attempt.day) for c in companions}
+        manifest = self.prepare(attempt, stats, lineage, files)
+        if companions:
+            manifest["companions"] = {c["dataset"]: c for c in companions}
+        own_previous = self._own_manifest(attempt.dataset, attempt.day)
+        self.write_json(posixpath.join(self.partition_path(attempt.dataset, attempt.day), MANIFEST), manifest)
+        for companion in companions:  # the pair is published; these make each readable on its own
+            self.write_json(posixpath.join(self.partition_path(companion["dataset"], attempt.day), MANIFEST), companion)
+        self._collect_garbage(attempt, own_previous)
+        for companion in companions:
+            gone = previous[companion["dataset"]]
+            self._collect_garbage(self.attempt_of(companion), gone)
+        return manifest
+
+    def attempt_of(self, manifest: dict) -> Attempt:
+        """The attempt folder a manifest names."""
+        day = parse_day(manifest["date"])
+        path = posixpath.join(self.partition_path(manifest["dataset"], day), f"{ATTEMPT_PREFIX}{manifest['attempt']}")
+        return Attempt(manifest["dataset"], day, manifest["attempt"], path, self.to_uri(path), self.to_spark_uri(path))
+
+    def prepare(
+        self, attempt: Attempt, stats: dict | None = None, lineage: dict | None = None, files: list[dict] | None = None
+    ) -> dict:
+        """The manifest that would publish an attempt, after checking its folder holds what was written;
+        nothing is written (:meth:`publish` writes it, or embeds it as a companion)."""
         listed = {
             posixpath.relpath(i.path, attempt.path): i.size
             for i in self.list_files(attempt.path)
@@ -389,8 +540,7 @@ class Lake:
                     f"unexpected {extra}, other size {resized}); nothing published"
                 )
             files = sorted(files, key=lambda f: f["name"])
-        previous = self.manifest(attempt.dataset, attempt.day)
-        manifest = {
+        return {
             "format": MANIFEST_FORMAT,
             "dataset": attempt.dataset,
             "date": attempt.day.isoformat(),
@@ -401,9 +551,6 @@ class Lake:
             "stats": stats or {},
             "lineage": lineage,
         }
-        self.write_json(posixpath.join(self.partition_path(attempt.dataset, attempt.day), MANIFEST), manifest)
-        self._collect_garbage(attempt, previous)
-        return manifest
 
     def _record_of(self, attempt: Attempt, name: str, size: int) -> dict:
         path = posixpath.join(attempt.path, name)
@@ -451,17 +598,53 @@ class Lake:
         return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
     def _collect_garbage(self, current: Attempt, previous: dict | None) -> None:
-        folder = self.partition_path(current.dataset, current.day)
-        superseded = f"{ATTEMPT_PREFIX}{previous['attempt']}" if previous else None
-        now = time.time()
+        """After a publish: mark the attempt it superseded, and remove the attempts nothing needs.
+
+        Never fails the publish (an error here is logged): the partition is already published.
+        """
+        try:
+            self.collect_garbage(current.dataset, current.day, superseded=previous and previous["attempt"])
+        except Exception as exc:  # noqa: BLE001 - the data is published; leftovers are collected next time
+            log.warning("could not collect old attempts of %s date=%s: %s", current.dataset, current.day, exc)
+
+    def collect_garbage(self, dataset: str, day: date, superseded: str | None = None) -> list[str]:
+        """Remove the attempt folders of a partition that no reader can need; return their names.
+
+        The attempt the manifest names *now* (read again here: another writer may have published
+        since) is never touched. A superseded attempt is first marked ``_SUPERSEDED`` and removed once
+        the mark is ``SUPERSEDED_GRACE_SECONDS`` old, so a reader that has just read the previous
+        manifest can finish. An attempt no manifest ever named is removed once its newest file is
+        ``STALE_ATTEMPT_SECONDS`` old (a crashed writer's; a younger one may be a writer at work).
+        Ages are measured against the store's own clock (the manifest's modification time), not
+        this host's, so a skewed clock cannot make a live attempt look old.
+        """
+        folder = self.partition_path(dataset, day)
+        manifest_info = self.fs.get_file_info(posixpath.join(folder, MANIFEST))
+        current = (self.manifest(dataset, day) or {}).get("attempt")
+        if manifest_info.type == pafs.FileType.NotFound or current is None:
+            return []
+        now = manifest_info.mtime.timestamp() if manifest_info.mtime else time.time()
+        removed = []
         for info in self.list_dir(folder):
             name = info.base_name
             if info.type != pafs.FileType.Directory or not name.startswith(ATTEMPT_PREFIX):
                 continue
-            if name == f"{ATTEMPT_PREFIX}{current.attempt_id}":
+            attempt = name[len(ATTEMPT_PREFIX):]
+            if attempt == current:
                 continue
-            if name == superseded or self._newest_mtime(info.path, default=now) < now - STALE_ATTEMPT_SECONDS:
+            mark = posixpath.join(info.path, SUPERSEDED)
+            mark_info = self.fs.get_file_info(mark)
+            if attempt == superseded and mark_info.type == pafs.FileType.NotFound:
+                self.write_bytes(mark, b"")
+                continue
+            if mark_info.type != pafs.FileType.NotFound:
+                expired = mark_info.mtime is not None and mark_info.mtime.timestamp() < now - SUPERSEDED_GRACE_SECONDS
+            else:
+                expired = self._newest_mtime(info.path, default=now) < now - STALE_ATTEMPT_SECONDS
+            if expired and (self.manifest(dataset, day) or {}).get("attempt") != attempt:
                 self.delete_dir(info.path)
+                removed.append(name)
+        return removed
 
     def _newest_mtime(self, fs_path: str, default: float) -> float:
         times = [i.mtime.timestamp() for i in self.list_files(fs_path) if i.mtime is not None]
@@ -520,4 +703,23 @@ class Lake:
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
     def write_run_record(self, step: str, day: date, attempt_id: str, record: dict) -> None:
-        self.write_json(self.run_record_path(step, day, attempt_id), record)
+        """Record one run of a step for D (what it did, or why it did not), stamped with the time."""
+        stamped = {**record, "recorded_at": datetime.now(UTC).isoformat(timespec="microseconds")}
+        self.write_json(self.run_record_path(step, day, attempt_id), stamped)
+
+    def latest_run_record(self, step: str, day: date) -> dict | None:
+        """The most recent run record of a step for D (by its ``recorded_at``, then the store's
+        modification time); temporary and hidden files are not records."""
+        folder = posixpath.dirname(self.run_record_path(step, day, "x"))
+        found = []
+        for info in self.list_dir(folder):
+            if info.type != pafs.FileType.File or info.base_name.startswith((".", "_")) or \
+                    not info.base_name.endswith(".json"):
+                continue
+            try:
+                record = json.loads(self.read_bytes(info.path))
+            except (LakeError, ValueError):
+                continue  # removed since the listing, or not a record
+            mtime = info.mtime.timestamp() if info.mtime else 0.0
+            found.append((str(record.get("recorded_at") or ""), mtime, info.base_name, record))
+        return max(found, key=lambda f: f[:3])[3] if found else None

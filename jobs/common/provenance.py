@@ -48,7 +48,12 @@ def input_record(lake: Lake, dataset: str, day: date, manifest: dict | None = No
         digest = lake.landing_digest(day, dataset)
     else:
         digest = lake.digest(dataset, day, manifest)
-    return {"dataset": dataset, "date": day.isoformat(), "digest": digest}
+    record = {"dataset": dataset, "date": day.isoformat(), "digest": digest}
+    if digest is None and dataset not in LANDING:
+        abandoned = lake.abandoned(dataset, day)
+        if abandoned is not None:  # read without it; its later publication shows as staleness
+            record["abandoned"] = abandoned["reason"]
+    return record
 
 
 class InputRecorder:
@@ -71,8 +76,8 @@ class InputRecorder:
 
         A day before the first date is recorded only if it happens to be published (it is read if
         it is there). A required input that is not published is an error (the step should have
-        waited); an optional one is recorded with digest None, so its later arrival shows as
-        staleness.
+        waited) unless an operator abandoned it; an abandoned or optional one is recorded with
+        digest None, so its later arrival shows as staleness.
         """
         wanted = set(datasets) if datasets is not None else None
         out: dict[tuple[str, str], dict] = {}
@@ -84,7 +89,7 @@ class InputRecorder:
                 if record["digest"] is None:
                     if d < cal.first_date:
                         continue
-                    if read.required:
+                    if read.required and "abandoned" not in record:
                         raise NotPublished(
                             f"{read.dataset} date={d} is not published in {self.lake.uri} ({name} of {day})"
                         )
@@ -95,7 +100,7 @@ class InputRecorder:
         out = []
         for d in sorted(set(days)):
             record = self.record(dataset, d)
-            if required and record["digest"] is None:
+            if required and record["digest"] is None and "abandoned" not in record:
                 raise NotPublished(f"{dataset} date={d} is not published in {self.lake.uri}")
             out.append(record)
         return out

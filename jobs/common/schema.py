@@ -49,21 +49,25 @@ QUARANTINE_SCHEMA = pa.schema(
 class QuarantineReason:
     """The closed list of reasons a raw row is rejected (the ``reason`` column's values)."""
 
+    RAGGED = "ragged_line"  # a CSV line whose fields do not match its header (values would be shifted)
     NULL_REQUIRED = "null_required_field"
     BAD_NUMBER = "unparseable_number"
     BAD_TIMESTAMP = "unparseable_timestamp"
     NEGATIVE_AMOUNT = "negative_amount"
     NON_FINITE_AMOUNT = "non_finite_amount"
+    AMOUNT_ABOVE_BOUND = "amount_above_bound"
     OUTSIDE_DAY = "timestamp_outside_day"
     BAD_LABEL = "label_not_0_1_or_null"
     CONFLICTING_DUPLICATE = "conflicting_duplicate_id"
 
     ALL = (
+        RAGGED,
         NULL_REQUIRED,
         BAD_NUMBER,
         BAD_TIMESTAMP,
         NEGATIVE_AMOUNT,
         NON_FINITE_AMOUNT,
+        AMOUNT_ABOVE_BOUND,
         OUTSIDE_DAY,
         BAD_LABEL,
         CONFLICTING_DUPLICATE,
@@ -101,6 +105,7 @@ LABEL_QUARANTINE_SCHEMA = pa.schema(
 class LabelQuarantineReason:
     """Why a label event is rejected (the ``reason`` column of ``quarantine/labels``)."""
 
+    RAGGED = QuarantineReason.RAGGED
     NULL_REQUIRED = "null_required_field"
     BAD_NUMBER = "unparseable_number"
     BAD_TIMESTAMP = "unparseable_timestamp"
@@ -109,7 +114,7 @@ class LabelQuarantineReason:
     UNKNOWN_TRANSACTION = "transaction_not_found"
     BEFORE_TRANSACTION = "reported_before_transaction"
 
-    ALL = (NULL_REQUIRED, BAD_NUMBER, BAD_TIMESTAMP, BAD_LABEL, OUTSIDE_DAY, UNKNOWN_TRANSACTION,
+    ALL = (RAGGED, NULL_REQUIRED, BAD_NUMBER, BAD_TIMESTAMP, BAD_LABEL, OUTSIDE_DAY, UNKNOWN_TRANSACTION,
            BEFORE_TRANSACTION)
 
 

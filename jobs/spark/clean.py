@@ -11,8 +11,8 @@ string first, so that a rejected row keeps its original values; then:
    timestamps must carry a date and a time (ISO-8601, ``T`` or space, optional fraction; an
    explicit offset is converted to UTC, a naive value is UTC);
 2. ``classify``   gives each row at most one reason, the first that applies in this order:
-   null_required_field, unparseable_number, unparseable_timestamp, non_finite_amount,
-   negative_amount, timestamp_outside_day, label_not_0_1_or_null;
+   ragged_line (a CSV line with more or fewer fields than its header), null_required_field, unparseable_number, unparseable_timestamp, non_finite_amount,
+   negative_amount, amount_above_bound (FRAUD_MAX_AMOUNT), timestamp_outside_day, label_not_0_1_or_null;
 3. ``deduplicate`` resolves the rows that passed, by ``TRANSACTION_ID``:
    copies equal in every typed column collapse into one (``duplicates_collapsed``). The label is
    ``TX_FRAUD`` together with its ``TX_FRAUD_SCENARIO``: copies that differ only there, where some
@@ -67,6 +67,7 @@ from jobs.common.schema import (
 from jobs.spark import labels
 from jobs.spark.landing import (
     DAY,
+    RAGGED,
     RAW,
     REASON,
     SOURCE_FILE,
@@ -113,6 +114,7 @@ def type_rows(raw: DataFrame) -> DataFrame:
     return raw.select(
         F.struct(*RAW_COLUMNS).alias(RAW),
         F.col(SOURCE_FILE),
+        F.col(RAGGED),
         F.col(DAY),
         *[typed(field).alias(field.name) for field in CLEAN_SPARK_SCHEMA],
     )
@@ -130,14 +132,17 @@ def classify(typed: DataFrame) -> DataFrame:
     has_bad_timestamp = is_unparsed(TIMESTAMP_COLUMN)
     is_non_finite_amount = F.isnan(amount) | (F.abs(amount) == float("inf"))
     is_negative_amount = amount < 0
+    is_above_bound = amount > F.lit(settings().max_amount)
     is_outside_day = F.to_date(F.col(TIMESTAMP_COLUMN)) != F.col(DAY)
     has_bad_label = label.isNotNull() & ~label.isin(0, 1)
     reason = (
-        F.when(has_null_required, QuarantineReason.NULL_REQUIRED)
+        F.when(F.col(RAGGED), QuarantineReason.RAGGED)
+        .when(has_null_required, QuarantineReason.NULL_REQUIRED)
         .when(has_bad_number, QuarantineReason.BAD_NUMBER)
         .when(has_bad_timestamp, QuarantineReason.BAD_TIMESTAMP)
         .when(is_non_finite_amount, QuarantineReason.NON_FINITE_AMOUNT)
         .when(is_negative_amount, QuarantineReason.NEGATIVE_AMOUNT)
+        .when(is_above_bound, QuarantineReason.AMOUNT_ABOVE_BOUND)
         .when(is_outside_day, QuarantineReason.OUTSIDE_DAY)
         .when(has_bad_label, QuarantineReason.BAD_LABEL)
     )
@@ -156,13 +161,17 @@ def deduplicate(classified: DataFrame) -> DataFrame:
     is_labelled = F.col(LABEL).isNotNull()
     transaction = F.struct(*[name for name in RAW_COLUMNS if name not in LABEL_COLUMNS])
     label = F.struct(*LABEL_COLUMNS)
-    transactions = F.size(F.collect_set(transaction).over(by_id))
-    labels = F.size(F.collect_set(F.when(is_labelled, label)).over(by_id))  # collect_set skips nulls
-    unlabelled_versions = F.size(F.collect_set(F.when(~is_labelled, label)).over(by_id))
+
+    def differ(value: Column) -> Column:
+        """Whether the id's rows hold more than one distinct non-null ``value``: its least and its
+        greatest differ. Constant memory a row whatever the copies (a set of them per row is not)."""
+        return ~F.min(value).over(by_id).eqNullSafe(F.max(value).over(by_id))
+
     n_labelled = F.count(LABEL).over(by_id)
     position = F.row_number().over(labelled_first)
 
-    is_conflict = (transactions > 1) | (labels > 1) | (unlabelled_versions > 1)
+    # another transaction under the id; two different labels; two unlabelled versions of the label
+    is_conflict = differ(transaction) | differ(F.when(is_labelled, label)) | differ(F.when(~is_labelled, label))
     is_kept = position == 1
     is_superseded_unlabelled = ~is_labelled & (n_labelled > 0) & (position == n_labelled + 1)
     outcome = (
@@ -298,7 +307,7 @@ def clean_days(spark: SparkSession, lake: Lake, days: Sequence[date]) -> int:
     if failure is None:
         return EXIT_OK
     day, exc = failure
-    return not_done(STEP, [d for d in days if d >= day], exc, failed_on=day)
+    return not_done(STEP, [d for d in days if d >= day], exc, failed_on=day, lake=lake)
 
 
 def _batch_or_each(spark: SparkSession, lake: Lake, days: list, batch) -> tuple[int, Exception | None]:

@@ -54,6 +54,8 @@ def _write_runs(table: pa.Table, day_of_row: np.ndarray, *, folders: dict[int, s
     )
     stops = np.r_[starts[1:], len(day_of_row)]
     out: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
+    if hasattr(filesystem, "open") and not isinstance(filesystem, pafs.FileSystem):
+        filesystem = filesystem.open()  # a WorkerFilesystem: the task's own client, its own credentials
     for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
         day = int(day_of_row[start])
         if day not in folders:
@@ -64,7 +66,7 @@ def _write_runs(table: pa.Table, day_of_row: np.ndarray, *, folders: dict[int, s
         buf = io.BytesIO()
         pq.write_table(table.slice(start, stop - start).combine_chunks(), buf)  # same bytes however it was batched
         data = buf.getvalue()
-        with filesystem.open_output_stream(path) as f:
+        with filesystem.open_output_stream(path, compression=None) as f:
             f.write(data)
         for name, value in zip(RECORD_SCHEMA.names, (day, path, stop - start, len(data),
                                                      hashlib.sha256(data).hexdigest()), strict=True):

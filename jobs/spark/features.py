@@ -30,7 +30,6 @@ from dataclasses import dataclass, replace
 from datetime import date
 from functools import partial
 
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark import cloudpickle
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -103,8 +102,8 @@ def find_inputs(lake: Lake, days: Sequence[date], cal: Calendar) -> Inputs:
             try:
                 found += [lake.to_spark_uri(p) for p in lake.partition_files(dataset, day)]
             except NotPublished:
-                if day >= cal.first_date or day in days:
-                    absent.append(day)
+                if day in days or (day >= cal.first_date and lake.abandoned(dataset, day) is None):
+                    absent.append(day)  # an abandoned history day is read as absent (lineage names it)
         if absent:
             missing.append(f"{dataset} {format_days(absent)}")
     if missing:
@@ -140,7 +139,7 @@ _WORKING_COLUMNS = ("TRANSACTION_ID", "TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID
 class DayFolders:
     """Where the last pass writes each day: the day's attempt folder on the lake's file system."""
 
-    filesystem: pafs.FileSystem
+    filesystem: object  # the lake's WorkerFilesystem (or a pyarrow file system)
     folders: dict[int, str]  # days since 1970-01-01 -> attempt folder (file-system path)
 
 
@@ -256,7 +255,7 @@ def write_days(
     :func:`publish_in_order`.
     """
     attempts = {day: lake.new_attempt(Dataset.FEATURES, day) for day in days}
-    target = DayFolders(lake.fs, {epoch_day(day): a.path for day, a in attempts.items()})
+    target = DayFolders(lake.worker_filesystem(), {epoch_day(day): a.path for day, a in attempts.items()})
     records = compute_features(clean, days[0], days[-1], write_to=target, delay_days=delay_days,
                                events=events).collect()
     written: dict[date, list[dict]] = {day: [] for day in days}
@@ -292,7 +291,7 @@ def publish_in_order(lake: Lake, attempts: dict[date, Attempt], written: dict[da
             rows = sum(f["rows"] for f in files)
             lake.publish(attempts[day], stats={"rows": rows}, lineage=provenance[day], files=files)
         except Exception as exc:  # noqa: BLE001 - reported with the days not done
-            return not_done(STEP, days[i:], exc, failed_on=day)
+            return not_done(STEP, days[i:], exc, failed_on=day, lake=lake)
     return EXIT_OK
 
 
@@ -313,7 +312,7 @@ def run(spark: SparkSession, lake: Lake, inputs: Inputs, cal: Calendar) -> int:
         attempts, written = write_days(lake, read_clean(spark, inputs.files), days, cal.label_delay_days,
                                        label_events(spark, inputs.label_files))
     except Exception as exc:  # noqa: BLE001 - reported with the days not done
-        return not_done(STEP, days, exc)
+        return not_done(STEP, days, exc, failed_on=days[0], lake=lake)
     return publish_in_order(lake, attempts, written, inputs.lineage)
 
 

@@ -4,7 +4,7 @@
 ``landing/labels/date=A/`` holds the events that arrived on A (chargebacks, claims, analysts'
 dispositions): ``TRANSACTION_ID``, ``TX_FRAUD`` (1 reports a fraud, 0 clears an earlier report),
 ``REPORTED_AT`` (a time within A). Each event gets at most one reason, the first that applies:
-null_required_field, unparseable_number, unparseable_timestamp, label_not_0_1,
+ragged_line, null_required_field, unparseable_number, unparseable_timestamp, label_not_0_1,
 reported_outside_day, transaction_not_found (no clean transaction with that id in the
 ``FRAUD_LABEL_LOOKBACK_DAYS`` days up to A), reported_before_transaction. Identical events
 collapse into one; distinct events of one transaction all stay (readers take the latest reported
@@ -42,6 +42,7 @@ from jobs.common.schema import (
 )
 from jobs.spark.landing import (
     DAY,
+    RAGGED,
     RAW,
     REASON,
     SOURCE_FILE,
@@ -75,7 +76,7 @@ DATASETS = (Dataset.QUARANTINE_LABELS, Dataset.CLEAN_LABELS)  # publish order: q
 # --- transforms ---------------------------------------------------------------------------------
 def type_events(raw: DataFrame) -> DataFrame:
     return raw.select(
-        F.struct(*RAW_LABEL_COLUMNS).alias(RAW), F.col(SOURCE_FILE), F.col(DAY),
+        F.struct(*RAW_LABEL_COLUMNS).alias(RAW), F.col(SOURCE_FILE), F.col(RAGGED), F.col(DAY),
         *[typed(field).alias(field.name) for field in RAW_LABEL_SPARK],
     )
 
@@ -93,7 +94,8 @@ def classify(events: DataFrame, history: DataFrame, lookback_days: int) -> DataF
                   | (F.col(TX_DAY) < F.date_sub(F.col(DAY), lookback_days)))
     is_before = F.col(REPORTED_AT) < F.col("TX_DATETIME")
     reason = (
-        F.when(has_null, LabelQuarantineReason.NULL_REQUIRED)
+        F.when(F.col(RAGGED), LabelQuarantineReason.RAGGED)
+        .when(has_null, LabelQuarantineReason.NULL_REQUIRED)
         .when(has_bad_number, LabelQuarantineReason.BAD_NUMBER)
         .when(has_bad_timestamp, LabelQuarantineReason.BAD_TIMESTAMP)
         .when(has_bad_label, LabelQuarantineReason.BAD_LABEL)

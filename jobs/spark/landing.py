@@ -12,6 +12,7 @@ landing day; a rejected row keeps its original values. Typing uses Spark built-i
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import posixpath
@@ -42,7 +43,15 @@ DAY = "date"  # the landing day of a row
 # ISO-8601 date and time (seconds, fraction and zone optional); Spark's cast alone would also take
 # "2018" or a bare date and make a midnight of it.
 ISO_TIMESTAMP = r"^\d{4}-\d{2}-\d{2}[T ]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)?$"
+# Numbers in decimal notation only: Spark's cast alone would also take Java's "12d", "1.5f" or "0x1p3".
+DECIMAL_NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
+NON_FINITE_NUMBER = r"(?i)^[+-]?(nan|inf|infinity)$"  # parsed, then quarantined as non_finite_amount
+EXACT_FLOAT_INTEGER = 2**53  # above it a float-typed id may have lost digits: refused
 CSV_HEADER_BYTES = 1 << 16
+RAGGED = "ragged"  # a CSV line with more or fewer fields than its header (an unquoted comma…)
+CORRUPT = "_corrupt_line"  # Spark's copy of such a line
+# What a landing folder may hold besides hidden files: anything else refuses the day, by name.
+FORMATS = {".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv"}
 
 
 class CleanError(RuntimeError):
@@ -97,20 +106,30 @@ def inspect_landing(lake: Lake, day: date, source: Source) -> LandingDay:
     files = []
     for info in lake.landing_files(day, source.dataset):
         uri = lake.to_uri(info.path)
-        if info.base_name.lower().endswith(".csv"):
-            fmt, names = "csv", tuple(_csv_header(lake, info.path))
+        fmt = file_format(info.base_name)
+        if fmt is None:
+            kinds = ", ".join(f"*{suffix}" for suffix in FORMATS)
+            raise CleanError(f"cannot read landing file {uri}: landing files are {kinds} (or hidden: _name, .name)")
+        if fmt == "csv":
+            names = tuple(_csv_header(lake, info.path))
             layout = names
         else:
             try:
                 schema = pq.ParquetFile(info.path, filesystem=lake.fs).schema_arrow
             except Exception as exc:
                 raise CleanError(f"cannot read Parquet file {uri}: {first_line(exc)}") from exc
-            fmt, names = "parquet", tuple(schema.names)
+            names = tuple(schema.names)
             layout = tuple(f"{f.name}:{f.type}" for f in schema)
         if names:
             _match_columns(names, uri, source)
         files.append(LandingFile(info.path, uri, lake.to_spark_uri(info.path), fmt, names, layout))
     return LandingDay(day, tuple(files), input_record(lake, source.dataset, day))
+
+
+def file_format(name: str) -> str | None:
+    """"csv" or "parquet" for a landing file name the clean step reads, None for any other."""
+    lowered = name.lower()
+    return next((fmt for suffix, fmt in FORMATS.items() if lowered.endswith(suffix)), None)
 
 
 def read_landing(spark: SparkSession, days: Sequence[LandingDay], source: Source) -> DataFrame:
@@ -125,7 +144,8 @@ def read_landing(spark: SparkSession, days: Sequence[LandingDay], source: Source
         for f in landing.files:
             if f.names:  # a 0-byte CSV has no rows
                 groups.setdefault((f.fmt, f.layout), []).append((landing.day, f))
-    empty = spark.createDataFrame([], source.string_schema).withColumn(DAY, F.lit(None).cast(T.DateType()))
+    empty = spark.createDataFrame([], source.string_schema).withColumns(
+        {RAGGED: F.lit(False), DAY: F.lit(None).cast(T.DateType())})
     frames = [_read_group(spark, members, source) for members in groups.values()]
     return reduce(DataFrame.unionByName, frames) if frames else empty
 
@@ -136,33 +156,50 @@ def _read_group(spark: SparkSession, members: list[tuple[date, LandingFile]], so
     if first.fmt == "csv":
         positional = T.StructType(
             [T.StructField(f"_c{i}", T.StringType(), True) for i in range(len(first.names))]
+            + [T.StructField(CORRUPT, T.StringType(), True)]
         )
         frame = (
             spark.read.schema(positional)
-            .option("header", True)  # every file's own first line is its header
+            .option("header", True)  # every file's own first line is its header (blank lines skipped)
             .option("enforceSchema", True)  # the schema *is* the header, by position
-            .option("mode", "PERMISSIVE")
+            .option("mode", "PERMISSIVE")  # a line with too many or too few fields is kept, and marked
+            .option("columnNameOfCorruptRecord", CORRUPT)
             .csv(paths)
         )
-        columns = positional.names
+        values = {name: F.col(f"_c{i}") for i, name in enumerate(first.names)}
+        ragged = F.col(CORRUPT).isNotNull()
     else:
         try:
             frame = spark.read.parquet(*paths)
         except Exception as exc:
             raise CleanError(f"cannot read Parquet file {first.uri}: {first_line(exc)}") from exc
-        columns = list(first.names)
+        types = dict(zip(first.names, (kind.split(":", 1)[1] for kind in first.layout), strict=True))
+        values = {name: _parquet_value(name, types[name]) for name in first.names}
+        ragged = F.lit(False)
     position = _match_columns(first.names, first.uri, source)
     source_file, day = _file_of_row(members)
     return frame.select(
         *[
-            F.col(_quoted(columns[position[name]])).cast("string").alias(name)
+            values[first.names[position[name]]].cast("string").alias(name)
             if name in position
             else F.lit(None).cast("string").alias(name)
             for name in source.columns
         ],
         source_file.alias(SOURCE_FILE),
+        ragged.alias(RAGGED),
         day.alias(DAY),
     )
+
+
+def _parquet_value(name: str, arrow_type: str) -> Column:
+    """A Parquet column as Spark reads it; nanosecond timestamps (pandas' default) come as a count of
+    nanoseconds (``spark.sql.legacy.parquet.nanosAsLong``, jobs.spark.session) and are made
+    timestamps again here, to the microsecond."""
+    column = F.col(_quoted(name))
+    if arrow_type.startswith("timestamp[ns"):
+        micros = F.expr(f"({_quoted(name)} - pmod({_quoted(name)}, 1000)) div 1000")  # exact: no double
+        return F.timestamp_micros(micros).cast(T.TimestampNTZType())
+    return column
 
 
 def _file_of_row(members: list[tuple[date, LandingFile]]) -> tuple[Column, Column]:
@@ -190,9 +227,13 @@ def _quoted(name: str) -> str:
 
 
 def _csv_header(lake: Lake, fs_path: str) -> list[str]:
-    with lake.fs.open_input_stream(fs_path) as f:
-        head = f.read(CSV_HEADER_BYTES).decode("utf-8-sig", errors="replace")
-    return [name.strip() for name in next(csv.reader(io.StringIO(head)), [])]
+    """The names on a CSV file's first non-blank line, as Spark's reader takes them (it skips blank
+    lines, a BOM, CR LF); [] for a file without one (no header, so no rows)."""
+    with lake.fs.open_input_file(fs_path) as f:
+        stream = gzip.GzipFile(fileobj=f) if fs_path.lower().endswith(".gz") else f
+        head = stream.read(CSV_HEADER_BYTES).decode("utf-8-sig", errors="replace")
+    rows = csv.reader(io.StringIO(head))
+    return next(([name.strip() for name in row] for row in rows if row), [])
 
 
 def _match_columns(names: Sequence[str], uri: str, source: Source) -> dict[str, int]:
@@ -225,12 +266,14 @@ def typed(field: T.StructField) -> Column:
         is_iso = text.rlike(ISO_TIMESTAMP)
         return F.when(is_iso, text.try_cast(T.TimestampType()).cast(T.TimestampNTZType()))
     if isinstance(field.dataType, T.LongType | T.IntegerType):
-        # "12" or a whole number written as a decimal ("12.0", as pandas writes a column with gaps).
+        # "12", or a whole number written as a decimal ("12.0", as pandas writes a column with gaps;
+        # a float-typed Parquet column) where a double still holds it exactly (up to 2^53).
         as_decimal = text.try_cast(T.DecimalType(38, 9))
-        is_whole = as_decimal == F.floor(as_decimal)
-        return F.coalesce(
-            text.try_cast(field.dataType), F.when(is_whole, as_decimal.try_cast(field.dataType))
-        )
+        is_whole = (as_decimal == F.floor(as_decimal)) & (F.abs(as_decimal) <= F.lit(EXACT_FLOAT_INTEGER))
+        value = F.coalesce(text.try_cast(field.dataType), F.when(is_whole, as_decimal.try_cast(field.dataType)))
+        return F.when(text.rlike(DECIMAL_NUMBER), value)
+    if isinstance(field.dataType, T.DoubleType | T.FloatType):
+        return F.when(text.rlike(DECIMAL_NUMBER) | text.rlike(NON_FINITE_NUMBER), text.try_cast(field.dataType))
     return text.try_cast(field.dataType)
 
 
@@ -257,7 +300,7 @@ def write_partitions(
     """
     folders = {epoch_day(day): attempt.path for day, attempt in attempts.items()}
     writer = partial(day_files.write_grouped_days, schema=schema, day_column=DAY, folders=folders,
-                     filesystem=lake.fs)
+                     filesystem=lake.worker_filesystem())
     records = (
         _one_partition_a_day(frame, len(attempts))
         .sortWithinPartitions(DAY, *order)
@@ -296,16 +339,19 @@ def publish_days(
     provenance: dict[str, dict[date, dict]],
     seconds: float,
 ) -> tuple[int, Exception | None]:
-    """Publish each day's written attempts (``datasets`` in that order) in date order.
+    """Publish each day's written attempts in date order: the last of ``datasets`` commits the
+    others with it in one manifest write (``Lake.publish``'s companions).
 
     Returns ``(days published, None)``, or the count published before a publish failed and its
     error; the attempts of the days not published are removed.
     """
+    *companions, primary = datasets  # the last commits the others (COMMITTED_BY)
     for i, day in enumerate(days):
         try:
-            for dataset in datasets:
-                lake.publish(attempts[dataset][day], stats=stats[day], lineage=provenance[dataset][day],
-                             files=files[dataset][day])
+            prepared = [lake.prepare(attempts[d][day], stats=stats[day], lineage=provenance[d][day], files=files[d][day])
+                        for d in companions]
+            lake.publish(attempts[primary][day], stats=stats[day], lineage=provenance[primary][day],
+                         files=files[primary][day], companions=prepared)
             record = {"date": day.isoformat(), "seconds": seconds, "batch": f"{days[0]}..{days[-1]}",
                       "stats": stats[day]}
             lake.write_run_record(step, day, attempts[datasets[-1]][day].attempt_id, record)

@@ -45,6 +45,7 @@ def get_spark(app_name: str) -> SparkSession:
         .config("spark.sql.adaptive.enabled", "true")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+        .config("spark.sql.legacy.parquet.nanosAsLong", "true")  # landing Parquet from pandas (jobs.spark.landing)
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.ui.enabled", "false")
         # Jobs name their input files one by one (a day's published files); listing a few hundred

@@ -79,8 +79,11 @@ def _prefix(values: np.ndarray) -> np.ndarray:
     return out
 
 
+MAX_SUMMABLE = 1e12  # the largest amount the window sums take; FRAUD_MAX_AMOUNT may not exceed it
+
+
 class FixedPointPrefix:
-    """Prefix sums of doubles in two int64 fixed-point limbs, so window sums are exact and repeatable.
+    """Prefix sums of doubles in int64 fixed-point limbs, so window sums are exact and repeatable.
 
     A plain float cumsum loses ``eps x (running total)`` in every difference, and its rounding
     depends on which other keys share the batch, so a range run would not match day-by-day runs
@@ -88,24 +91,67 @@ class FixedPointPrefix:
     for every value whose lowest bit is >= 2**-60, i.e. any amount >= 1/128 and any cent amount),
     integer prefix sums are exact (int64 wrap-around cancels in the differences), and a window sum
     is a function of the window's own values only, rounded once or twice at the end.
+
+    Those two limbs hold a window's sum while it stays below 2**41 (and the window below 2**23
+    rows). A window beyond that (a huge amount, or a terminal with millions of transactions) is
+    summed instead from five narrower limbs (2**32 units, units, then three 20-bit fractions),
+    whose sums cannot overflow for any amount the clean step lets through (at most
+    ``FRAUD_MAX_AMOUNT``, never above 1e12) and any window under 2**31 rows. Which way a row's
+    window is summed depends only on that window's values, so the result stays repeatable.
     """
 
     COARSE_BITS = 20
-    FINE_BITS = 40  # fine limb < 2**40, so up to 2**23 rows per window cannot overflow it
+    FINE_BITS = 40  # fine limb < 2**40
+    FAST_ROWS = 2**23  # ... so up to 2**23 rows per window cannot overflow it
+    FAST_SUM = 2.0**41  # coarse sums stay below 2**61
+    _WIDE = 2.0**32
+    _PART = 2.0**20
 
     def __init__(self, values: np.ndarray):
+        if len(values) and float(np.abs(values).max()) > MAX_SUMMABLE:
+            raise ValueError(f"amount {float(np.abs(values).max())} above {MAX_SUMMABLE:g}: clean quarantines those")
+        self.values = values
         scaled = values * 2.0**self.COARSE_BITS
         coarse = np.floor(scaled)
         fine = np.rint((scaled - coarse) * 2.0**self.FINE_BITS)  # the fraction is exact
-        self.coarse = _prefix(coarse.astype(np.int64))
-        self.fine = _prefix(fine.astype(np.int64))
         self.largest = float(np.abs(values).max()) if len(values) else 0.0
+        safe = self.largest * self.FAST_ROWS < self.FAST_SUM
+        self.coarse = _prefix(coarse.astype(np.int64)) if safe or self.largest < 2.0**42 else None
+        self.fine = _prefix(fine.astype(np.int64))
+        self._narrow: list[np.ndarray] | None = None
+
+    def _limbs(self) -> list[np.ndarray]:
+        if self._narrow is None:
+            whole = np.floor(self.values)
+            high = np.floor(whole / self._WIDE)
+            low = whole - high * self._WIDE
+            parts = [high, low]
+            rest = self.values - whole
+            for _ in range(3):
+                rest = rest * self._PART
+                part = np.floor(rest)
+                parts.append(part)
+                rest = rest - part
+            self._narrow = [_prefix(p.astype(np.int64)) for p in parts]
+        return self._narrow
+
+    def _wide_between(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        high, low, f1, f2, f3 = ((limb[hi] - limb[lo]).astype(np.float64) for limb in self._limbs())
+        return high * self._WIDE + low + (f1 + (f2 + f3 / self._PART) / self._PART) / self._PART
 
     def between(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Sum of the sorted values at positions lo .. hi-1, per row."""
         rows = hi - lo
-        if len(rows) and (rows.max() >= 2**23 or self.largest * rows.max() >= 2.0 ** (62 - self.COARSE_BITS)):
-            raise ValueError(f"window sums too large for exact fixed point (max value {self.largest})")
+        if len(rows) and self.coarse is not None and self.largest * rows.max() < self.FAST_SUM \
+                and rows.max() < self.FAST_ROWS:
+            return self._fast(lo, hi)
+        wide = self._wide_between(lo, hi)
+        fast_rows = (np.abs(wide) < self.FAST_SUM) & (rows < self.FAST_ROWS)
+        if self.coarse is not None and fast_rows.any():
+            wide[fast_rows] = self._fast(lo[fast_rows], hi[fast_rows])
+        return wide
+
+    def _fast(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         coarse = (self.coarse[hi] - self.coarse[lo]) * 2.0**-self.COARSE_BITS
         return coarse + (self.fine[hi] - self.fine[lo]) * 2.0 ** -(self.COARSE_BITS + self.FINE_BITS)
 

@@ -333,14 +333,15 @@ def read_for_model(lake: Lake, days: Sequence[date], cfg, cal: Calendar, labels_
     card history and the terminal's matured rows (labels as of each row's time), and with
     ``labels_as_of`` the targets as known before that day began.
 
-    History days before the pipeline's first date do not exist and are skipped; later ones must
-    be published (a missing one is "not yet written", never "no history").
+    History days before the pipeline's first date do not exist and are skipped, and so are days an
+    operator abandoned (``Lake.abandon``); other ones must be published (a missing one is "not yet
+    written", never "no history").
     """
     target = read_features(lake, days)
     seq = cfg.kind == "seq"
-    wanted = cal.expected(history_days(days, cfg.lookback_days)) if seq else []
-    older = ([d for d in cal.expected(history_days(days, cfg.terminal_lookback_days)) if d not in wanted]
-             if seq and cfg.terminal_len else [])
+    wanted = lake.readable(Dataset.FEATURES, cal.expected(history_days(days, cfg.lookback_days))) if seq else []
+    older = ([d for d in lake.readable(Dataset.FEATURES, cal.expected(history_days(days, cfg.terminal_lookback_days)))
+              if d not in wanted] if seq and cfg.terminal_len else [])
     events = None
     if labels_as_of is not None or older or (seq and cfg.terminal_len):
         tx_days = sorted({*days, *wanted, *older})

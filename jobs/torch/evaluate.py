@@ -29,7 +29,7 @@ def evaluate_version(lake: Lake, registry: R.Registry, version: str, test_days: 
                      train_start: date, labels_as_of: date, k: int = 100) -> dict:
     """Score a registered version on labelled test days (targets known before ``labels_as_of``) with
     the reference test-set rule."""
-    loaded = load_version(registry.read_file(version, R.CHECKPOINT), version)
+    loaded = load_version(registry.read_checkpoint(version), version)
     return evaluate_loaded(lake, loaded, test_days, train_start, registry.calendar, labels_as_of, k)
 
 

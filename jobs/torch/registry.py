@@ -24,6 +24,10 @@ Semantics (docs/contract.md, "Training, evaluation and promotion"):
   non-deterministic GPU model) does not replace it; it is reported as a conflict and the
   recorded decision stands. To change the champion, record a manual event.
 * Manual events (``promote`` / ``rollback``) take effect from a stated date.
+* A training day that training cannot decide (its run failed for good, its inputs will never
+  come) is resolved by an operator with ``resolve --date T --keep-champion --reason …``: a decision
+  like any other (``kept_by_operator``, recorded once), so scoring, which waits for the decision of
+  the latest training day, goes on. A manual promote does not stand in for a missing decision.
 * ``champion_as_of(D)`` is the version named by the latest of: the decisions of training days
   <= D and the manual events effective <= D (on the same date an event wins over a decision,
   later events over earlier ones). It waits (raises :class:`WaitingForDecision`) while the
@@ -38,6 +42,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 from datetime import date
 from typing import Any
@@ -53,8 +58,11 @@ METRICS = "metrics.json"
 LINEAGE = "lineage.json"
 VERSION_RECORD = "version.json"
 
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 PROMOTED = "promoted"
 REFUSED = "refused"
+KEPT = "kept_by_operator"  # an operator resolved the day: the champion before it stays
+OPERATOR = "operator"
 
 
 class RegistryError(RuntimeError):
@@ -92,6 +100,10 @@ class Registry:
 
     # --- paths -------------------------------------------------------------------------------
     def version_path(self, version: str, name: str = "") -> str:
+        """Where a version's files are. A name read from a record is checked first: it cannot lead
+        out of ``models/versions`` (``../``, a slash, an empty name)."""
+        if not isinstance(version, str) or not VERSION_NAME.fullmatch(version) or ".." in version:
+            raise RegistryError(f"not a version name: {version!r}")
         return self.lake.path(MODELS, "versions", version, name)
 
     def _decision_path(self, day: date) -> str:
@@ -107,7 +119,13 @@ class Registry:
             return None
 
     def _create(self, fs_path: str, record: dict) -> tuple[dict, bool]:
-        """Create a record once; return (the stored record, whether this call created it)."""
+        """Create a record once; return (the stored record, whether this call created it).
+
+        A record already there is never this call's (a rerun reads it back); a conditional write
+        whose answer was lost and came back "exists" with these very bytes is."""
+        existing = self._read(fs_path)
+        if existing is not None:
+            return existing, False
         if self.lake.put_if_absent(fs_path, canonical_json(record)):
             return record, True
         stored = self._read(fs_path)
@@ -140,6 +158,19 @@ class Registry:
     def read_file(self, version: str, name: str) -> bytes:
         return self.lake.read_bytes(self.version_path(version, name))
 
+    def read_checkpoint(self, version: str) -> bytes:
+        """A version's checkpoint, checked against the content hash it was registered with (its
+        record's ``checkpoint_sha256``, else the hash prefix its name ends with)."""
+        data = self.read_file(version, CHECKPOINT)
+        digest = hashlib.sha256(data).hexdigest()
+        record = self.version(version) or {}
+        expected = record.get("checkpoint_sha256")
+        suffix = version.rsplit("-", 1)[-1]
+        if expected and digest != expected or not expected and not digest.startswith(suffix):
+            raise RegistryError(f"the checkpoint of {version} is not the one registered (sha256 {digest[:16]}...): "
+                                "refusing to score with it")
+        return data
+
     def find_version(self, training_key: str) -> dict | None:
         """A registered version trained with exactly this configuration on exactly these inputs."""
         for record in self._version_records():
@@ -150,7 +181,7 @@ class Registry:
     def _version_records(self) -> list[dict]:
         out = []
         for info in self.lake.list_dir(self.lake.path(MODELS, "versions")):
-            if info.type == pafs.FileType.Directory:
+            if info.type == pafs.FileType.Directory and VERSION_NAME.fullmatch(info.base_name):
                 record = self.version(info.base_name)
                 if record is not None:
                     out.append(record)
@@ -166,7 +197,7 @@ class Registry:
             if entry["version"] != previous:
                 since.setdefault(entry["version"], []).append(entry["effective"])
             previous = entry["version"]
-        refused = {d["candidate"]["version"] for d in self.decisions() if d["outcome"] == REFUSED}
+        refused = {d["candidate"]["version"] for d in self.decisions() if d["outcome"] == REFUSED and d.get("candidate")}
         out = []
         for record in self._version_records():
             v = record["version"]
@@ -212,7 +243,7 @@ class Registry:
         if not self.schedule.is_training_day(day):
             raise RegistryError(f"{day} is not a scheduled training day; use a manual promote event")
         self.require_previous_decision(day)
-        if record["champion"] is None and record["outcome"] != REFUSED:
+        if record["champion"] is None and record["outcome"] not in (REFUSED, KEPT):
             raise RegistryError(f"a {record['outcome']} decision must name its champion")
         if record["champion"] is not None and self.version(record["champion"]) is None:
             raise RegistryError(f"decision names unregistered version {record['champion']}")
@@ -220,6 +251,19 @@ class Registry:
         if created:
             return stored, "created"
         return stored, "same" if content_hash(stored) == content_hash(record) else "conflict"
+
+    def keep_champion(self, train_day: date | str, reason: str) -> tuple[dict, str]:
+        """An operator's decision for a training day that training cannot decide (its run failed, its
+        inputs will never come): the champion before it stays. Recorded like any decision, once;
+        scoring then goes on. Returns ``record_decision``'s (stored, outcome)."""
+        if not reason.strip():
+            raise ValueError("resolving a training day needs a reason")
+        day = parse_day(train_day)
+        champion = self.champion_before(day)
+        record = {"train_day": day.isoformat(), "outcome": KEPT,
+                  "champion": champion["version"] if champion else None, "candidate": None,
+                  "reason": f"resolved by an operator: {reason}", "resolved_by": OPERATOR}
+        return self.record_decision(record)
 
     # --- manual events -----------------------------------------------------------------------
     def events(self) -> list[dict]:
@@ -310,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     asof = sub.add_parser("champion", help="the champion as of a date")
     asof.add_argument("--date", required=True)
     sub.add_parser("decisions", help="every recorded decision")
+    resolve = sub.add_parser("resolve", help="decide a training day by hand: keep the champion before it")
+    resolve.add_argument("--date", required=True, help="the training day")
+    resolve.add_argument("--keep-champion", action="store_true", required=True,
+                         help="the champion before the day stays (the only resolution there is)")
+    resolve.add_argument("--reason", required=True)
     for kind in ("promote", "rollback"):
         p = sub.add_parser(kind, help=f"record a manual {kind} effective from a date")
         if kind == "promote":
@@ -343,6 +392,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(registry.champion_as_of(args.date), indent=2, sort_keys=True))
         elif args.command == "decisions":
             print(json.dumps(registry.decisions(), indent=2, sort_keys=True))
+        elif args.command == "resolve":
+            stored, outcome = registry.keep_champion(args.date, args.reason)
+            print(json.dumps(stored, indent=2, sort_keys=True))
+            if outcome == "conflict":
+                print(f"the decision of {args.date} was already recorded ({stored['outcome']} -> champion "
+                      f"{stored['champion']}); it stands", file=sys.stderr)
+                return 1
         else:
             event = registry.add_event(args.command, args.version, args.effective, args.reason)
             print(json.dumps(event, indent=2, sort_keys=True))

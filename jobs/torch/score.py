@@ -91,8 +91,11 @@ SCORES_PARQUET = {
 
 
 def write_scores(lake: Lake, day: date, table: pa.Table, stats: dict, provenance: dict) -> dict:
-    """Publish the scores partition (the lake's attempt + publish protocol, tuned Parquet options)."""
-    return lake.write_table(Dataset.SCORES, day, table, stats, provenance, **SCORES_PARQUET)
+    """Write the scores partition's file (tuned Parquet options) and return its prepared manifest:
+    the alerts' publish commits it (``Lake.publish``'s companions)."""
+    attempt = lake.new_attempt(Dataset.SCORES, day)
+    record = lake.write_parquet(attempt, table, **SCORES_PARQUET)
+    return lake.prepare(attempt, stats, provenance, files=[record])
 
 
 class NoChampion(Exception):
@@ -113,7 +116,7 @@ def score_day(lake: Lake, registry: R.Registry, day: date, k: int, cache: dict[s
         raise NoChampion(f"no champion model as of {day}: nothing scored")
     version = champion["version"]
     if version not in cache:
-        cache[version] = load_version(registry.read_file(version, R.CHECKPOINT), version)
+        cache[version] = load_version(registry.read_checkpoint(version), version)
     loaded = cache[version]
     started = time.time()
     inputs = InputRecorder(lake).days(Dataset.FEATURES, model_input_days(loaded, day, registry.calendar))
@@ -138,8 +141,10 @@ def score_day(lake: Lake, registry: R.Registry, day: date, k: int, cache: dict[s
     with ThreadPoolExecutor(1) as pool:  # the Parquet write (GIL released) overlaps the alert list
         written = pool.submit(write_scores, lake, day, table, {"model_version": version}, provenance)
         alerts = alerts_table(table, k)
-        written.result()
-    lake.write_table(Dataset.ALERTS, day, alerts, stats={"model_version": version, "k": k}, lineage=provenance)
+        scores_manifest = written.result()
+    attempt = lake.new_attempt(Dataset.ALERTS, day)  # scores and alerts are published by one write
+    lake.publish(attempt, stats={"model_version": version, "k": k}, lineage=provenance,
+                 files=[lake.write_parquet(attempt, alerts)], companions=[scores_manifest])
     summary = {"date": day.isoformat(), "rows": table.num_rows, "alerts": alerts.num_rows, "model_version": version,
                "champion_since": champion["champion_since"], "seconds": round(time.time() - started, 3)}
     lake.write_run_record("score", day, uuid.uuid4().hex[:16], {"status": "scored", **summary})
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"score {day}: {summary['rows']} rows, {summary['alerts']} alerts, model {summary['model_version']} "
               f"(champion since {summary['champion_since']}), {summary['seconds']} s")
 
-    code = run_each("score", args.days, one)
+    code = run_each("score", args.days, one, lake=lake)
     if code != EXIT_OK:
         return code
     return EXIT_NO_CHAMPION if len(skipped) == len(args.days) else EXIT_OK

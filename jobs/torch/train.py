@@ -155,7 +155,8 @@ def train_version(lake: Lake, registry: R.Registry, cfg: TrainConfig, window: li
         return found
 
     started = time.time()
-    trained = train_model(lake, cfg, window, cal, device, ddp, labels_as_of=for_day)
+    readable = lake.readable(Dataset.FEATURES, window)  # an abandoned day is trained without (lineage names it)
+    trained = train_model(lake, cfg, readable, cal, device, ddp, labels_as_of=for_day)
     seconds = time.time() - started
     if not ddp.main:
         return None
@@ -206,6 +207,11 @@ def run(cfg: TrainConfig) -> int:
     if decision_day:
         registry.require_previous_decision(day)
         existing = registry.decision(day)
+        if existing is not None and existing.get("resolved_by") == R.OPERATOR:
+            if ddp.main:
+                print(f"train {day}: an operator resolved this day ({existing['reason']}; champion "
+                      f"{existing['champion']}); nothing to do")
+            return EXIT_OK
         if existing is not None and existing["candidate"]["recipe_hash"] == cfg.recipe_hash():
             if ddp.main:
                 print(f"train {day}: decision already recorded ({existing['outcome']}, champion "

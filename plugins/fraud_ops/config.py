@@ -10,11 +10,19 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 
 def _env(name: str, default: str) -> str:
     value = os.environ.get(name, "").strip()
     return value if value else default
+
+
+def _flag(name: str, default: str) -> bool:
+    value = _env(name, default).lower()
+    if value not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value in ("true", "1", "yes", "on")
 
 
 ENV_DOC = {
@@ -29,10 +37,15 @@ ENV_DOC = {
     "FRAUD_K8S_SECRET": "Kubernetes secret whose keys become the pods' env, e.g. AWS credentials (default none)",
     "FRAUD_SPARK_CONN_ID": "Airflow connection of spark-submit (default spark_default)",
     "FRAUD_SPARK_CONF": "JSON dict of extra --conf for spark-submit (default {})",
+    "FRAUD_CATCHUP": "true (default): nights missed while the scheduler was down run when it is back, oldest first, "
+                     "from FRAUD_FIRST_DATE on; false: only the latest night (the local launcher's default)",
     "FRAUD_MAX_ACTIVE_RUNS": "runs of the nightly DAG in flight at once (default 2)",
     "FRAUD_RETRIES": "task retries (default 2)",
     "FRAUD_RETRY_DELAY_SECONDS": "first retry delay, doubled each retry (default 60)",
-    "FRAUD_TASK_TIMEOUT_MINUTES": "execution_timeout of every task (default 120)",
+    "FRAUD_TASK_TIMEOUT_MINUTES": "execution_timeout in minutes: a JSON dict by task (clean, features, train, score, "
+                                  "report, default: every other task and each sensor poke; missing keys keep their "
+                                  "defaults: clean 90, features 120, train 240, score 60, report 30, default 10), "
+                                  "or one number for every task",
     "FRAUD_POKE_SECONDS": "how often sensors look (default 120)",
     "FRAUD_SENSOR_MODE": "reschedule (a waiting sensor frees its worker slot; the default) or poke",
     "FRAUD_LANDING_TIMEOUT_HOURS": "how long to wait for the landing _SUCCESS (default 12)",
@@ -58,15 +71,43 @@ class Orchestration:
     k8s_secret: str | None
     spark_conn_id: str
     spark_conf: dict = field(hash=False)
+    catchup: bool
     max_active_runs: int
     retries: int
     retry_delay_seconds: int
-    task_timeout_minutes: int
+    task_timeout_minutes: dict = field(hash=False)  # task id (or "default") -> minutes
     poke_seconds: int
     sensor_mode: str
     landing_timeout_hours: float
     wait_timeout_hours: float
     notify_webhook_url: str | None
+
+    def timeout(self, task: str) -> timedelta:
+        """The execution_timeout of a task (its step's, else the default)."""
+        minutes = self.task_timeout_minutes
+        return timedelta(minutes=minutes.get(task, minutes["default"]))
+
+
+# Each step's execution_timeout (minutes): a hung step fails and retries instead of holding its
+# slot forever; sized for the default data with a wide margin ("default": the small tasks and every
+# poke of a sensor; a sensor's wait as a whole is bounded by its own timeout).
+TASK_TIMEOUT_MINUTES = {"clean": 90, "features": 120, "train": 240, "score": 60, "report": 30, "default": 10}
+
+
+def _task_timeouts(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return dict.fromkeys(TASK_TIMEOUT_MINUTES, float(value))
+    if not isinstance(value, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value.values()):
+        raise ValueError(f"FRAUD_TASK_TIMEOUT_MINUTES must be a number of minutes or a JSON dict of them, got {text!r}")
+    unknown = set(value) - set(TASK_TIMEOUT_MINUTES)
+    if unknown:
+        raise ValueError(f"FRAUD_TASK_TIMEOUT_MINUTES: no task {sorted(unknown)} (tasks: {sorted(TASK_TIMEOUT_MINUTES)})")
+    return {**TASK_TIMEOUT_MINUTES, **{k: float(v) for k, v in value.items()}}
 
 
 @dataclass(frozen=True)
@@ -96,10 +137,11 @@ def orchestration() -> Orchestration:
         k8s_secret=os.environ.get("FRAUD_K8S_SECRET") or None,
         spark_conn_id=_env("FRAUD_SPARK_CONN_ID", "spark_default"),
         spark_conf=json.loads(_env("FRAUD_SPARK_CONF", "{}")),
+        catchup=_flag("FRAUD_CATCHUP", "true"),
         max_active_runs=int(_env("FRAUD_MAX_ACTIVE_RUNS", "2")),
         retries=int(_env("FRAUD_RETRIES", "2")),
         retry_delay_seconds=int(_env("FRAUD_RETRY_DELAY_SECONDS", "60")),
-        task_timeout_minutes=int(_env("FRAUD_TASK_TIMEOUT_MINUTES", "120")),
+        task_timeout_minutes=_task_timeouts(_env("FRAUD_TASK_TIMEOUT_MINUTES", "{}")),
         poke_seconds=int(_env("FRAUD_POKE_SECONDS", "120")),
         sensor_mode=_env("FRAUD_SENSOR_MODE", "reschedule"),
         landing_timeout_hours=float(_env("FRAUD_LANDING_TIMEOUT_HOURS", "12")),

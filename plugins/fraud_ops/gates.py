@@ -1,6 +1,7 @@
 """The blocking data-quality gate on a day's clean partition (docs/contract.md, "The nightly run", step 3).
 
-It reads only manifests (the clean job's ``stats``), never data: quarantine share, an empty day,
+It reads only manifests, never data: the published row counts of the clean and quarantine
+partitions (and the job's ``rows_in``, checked against them): quarantine share, an empty day,
 and volume against the median of the trailing week. A failed check raises, so nothing downstream
 of the gate runs for that day. The trailing week must be published before the gate runs (the DAG
 waits for it), so the verdict depends only on the data, not on which runs are in flight.
@@ -69,9 +70,17 @@ def check_day(lake_uri: str, day: str | date, limits: GateThresholds) -> dict:
     for previous_day in calendar().gate_trailing(day):
         previous = lake.manifest(Dataset.CLEAN, previous_day)
         if previous is not None:
-            trailing.append(int(previous.get("stats", {}).get("clean", previous["rows"])))
-    stats = {"clean": manifest["rows"], **manifest.get("stats", {})}
+            trailing.append(int(previous["rows"]))  # what is published, not what a job said it wrote
+    quarantine = lake.manifest(Dataset.QUARANTINE, day)
+    reported = manifest.get("stats", {})
+    stats = {**reported, "clean": int(manifest["rows"]),
+             "quarantined_total": int(quarantine["rows"]) if quarantine else int(reported.get("quarantined_total", 0))}
     verdict = {"date": day.isoformat(), **evaluate(stats, trailing, limits)}
+    for name, published in (("clean", stats["clean"]), ("quarantined_total", stats["quarantined_total"])):
+        if name in reported and int(reported[name]) != published:
+            verdict["passed"] = False
+            verdict["failures"].append(f"{name}: the manifest holds {published} rows, the job reported "
+                                       f"{reported[name]}")
     lake.write_run_record("quality_gate", day, uuid.uuid4().hex[:16], verdict)
     if not verdict["passed"]:
         raise DataQualityError(f"data-quality gate failed for {day}: " + "; ".join(verdict["failures"]))

@@ -26,6 +26,14 @@ def failure_message(context) -> dict:
     }
 
 
+def _where(url: str) -> str:
+    """The webhook's scheme and host only: its path and query often hold a token."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    return f"{parsed.scheme}://{parsed.hostname or '?'}/..."
+
+
 def notify_failure(context) -> None:
     """``on_failure_callback`` of every task: never raises (a broken webhook must not mask the failure)."""
     message = failure_message(context)
@@ -43,4 +51,4 @@ def notify_failure(context) -> None:
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - URL is configuration
             log.info("failure posted to webhook: HTTP %s", response.status)
     except Exception as exc:  # noqa: BLE001 - logged, never raised
-        log.warning("could not post failure to webhook %s: %s", url, exc)
+        log.warning("could not post the failure to the webhook (%s): %s", _where(url), exc)

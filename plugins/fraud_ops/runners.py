@@ -20,6 +20,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
 from fraud_ops.config import Orchestration
+from fraud_ops.environment import step_environment
 
 # Step settings forwarded to containers (jobs.common.config.ENV_DOC); credentials are not among them.
 FORWARDED_ENV = (
@@ -79,7 +80,7 @@ class LocalProcessOperator(BaseOperator):
             argv[0] = sys.executable  # the worker's interpreter, with the project's packages
         root = str(jobs_root())
         pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-        env = {**os.environ, **(self.env or {}), "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1"}
+        env = {**step_environment(), **(self.env or {}), "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1"}
         self.log.info("running: %s", " ".join(argv))
         tail: deque[str] = deque(maxlen=20)
         self._proc = subprocess.Popen(

@@ -83,7 +83,7 @@ class InputsSensor(_LakeSensor):
         from jobs.common.calendar import format_days
 
         lake = self._lake()
-        missing = [d for d in self.expected_days() if not lake.is_published(self.dataset, d)]
+        missing = lake.awaited(self.dataset, self.expected_days())  # an abandoned day is not waited for
         if missing:
             self.log.info("waiting for %d unpublished %s partitions: %s", len(missing), self.dataset,
                           format_days(missing))

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
+from fraud_ops.environment import without_airflow_secrets
+
 
 def jobs_root() -> Path:
     """The folder that holds the ``jobs`` package on this worker."""
@@ -35,14 +37,28 @@ def build_jobs_zip(root: Path | None = None, out_dir: str | None = None) -> str:
             info.external_attr = 0o644 << 16
             zf.writestr(info, path.read_bytes(), zipfile.ZIP_DEFLATED)
     data = buf.getvalue()
-    target = (
-        Path(out_dir or tempfile.gettempdir()) / f"fraud-jobs-{hashlib.sha256(data).hexdigest()[:16]}.zip"
-    )
-    if not target.exists():
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(target)
+    digest = hashlib.sha256(data).hexdigest()
+    folder = Path(out_dir) if out_dir else private_dir()
+    target = folder / f"fraud-jobs-{digest[:16]}.zip"
+    # A file already there is used only if it is exactly this zip (a shared folder's file may be anyone's).
+    if not (target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == digest):
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fraud-jobs-", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
     return str(target)
+
+
+def private_dir() -> Path:
+    """A folder only this user can write (0700), for what a task hands to spark-submit."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fraud-nightly"
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = base.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        os.chmod(base, 0o700)
+        if base.stat().st_uid != os.getuid():
+            raise PermissionError(f"{base} belongs to another user: refusing to put the jobs zip there")
+    return base
 
 
 class SparkJobOperator(SparkSubmitOperator):
@@ -63,4 +79,7 @@ class SparkJobOperator(SparkSubmitOperator):
         if not self.py_files:
             self.py_files = build_jobs_zip(root)
         self.log.info("submitting %s with --py-files %s", self.application, self.py_files)
-        return super().execute(context)
+        if self._hook is None:
+            self._hook = self._get_hook()  # reads the connection while the task's environment is whole
+        with without_airflow_secrets():  # spark-submit inherits the environment: not Airflow's secrets
+            return super().execute(context)
