@@ -10,6 +10,7 @@ BENCHMARKS = {
     "features": "bench.features",
     "training": "bench.training",
     "scoring": "bench.scoring",
+    "hot_key": "bench.hot_key",
 }
 
 

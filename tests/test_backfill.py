@@ -307,18 +307,31 @@ def test_backfill_equals_sequential(backfilled, sequential_lake):
     assert len(versions[LATER_TRAINING]) == 1
 
 
-def test_rerun_replaces_only_its_partitions(backfilled):
+def test_rerun_replaces_only_its_partitions_and_newest_first_is_refused(backfilled):
+    """The rerun of RERUN is asked newest first, with the night after it (`--run-backwards`): that
+    night would wait for RERUN while holding the only run slot, so it fails at once saying why,
+    and changes nothing; RERUN then runs and is replaced by the same content."""
     from jobs.torch.registry import Registry
 
     af, lake, _ = backfilled
+    refused = RERUN + timedelta(days=1)
     # the later training day's decision exists: a rerun of RERUN must still use the 04-10 champion
     assert Registry(lake).decision(LATER_TRAINING) is not None
     before = {(ds, d): lake.manifest(ds, d) for ds in DATASETS for d in _days(FIRST, END)}
     contents = {ds: _content(lake.uri, ds, RERUN) for ds in DATASETS}
-    backfill_id = _backfill(af, "--from-date", RERUN.isoformat(), "--to-date", RERUN.isoformat(),
-                            "--reprocess-behavior", "completed")  # fmt: skip
-    runs = _wait_backfill_done(af, backfill_id, timeout=900)
-    assert [r["state"] for r in runs] == ["success"] * len(runs), [(r["dag_run_id"], r["state"]) for r in runs]
+    backfill_id = _backfill(af, "--from-date", RERUN.isoformat(), "--to-date", refused.isoformat(), "--run-backwards",
+                            "--reprocess-behavior", "completed", "--max-active-runs", "1")  # fmt: skip
+    runs = {r["logical_date"][:10]: r for r in _wait_backfill_done(af, backfill_id, timeout=900)}
+    assert runs[RERUN.isoformat()]["state"] == "success"
+    assert runs[refused.isoformat()]["state"] == "failed"
+    run_id = runs[refused.isoformat()]["dag_run_id"]
+    plan = next(t for t in af.task_instances("fraud_nightly", run_id) if t["task_id"] == "plan")
+    assert plan["state"] == "failed", plan
+    from urllib.parse import quote
+
+    status, log = af.api("GET", f"/dags/fraud_nightly/dagRuns/{quote(run_id, safe='')}/taskInstances/plan/logs/"
+                                f"{plan['try_number']}")
+    assert status == 200 and "create it without --run-backwards" in str(log), str(log)[-2000:]
     for (ds, d), manifest in before.items():
         now = lake.manifest(ds, d)
         if d == RERUN:
@@ -327,22 +340,3 @@ def test_rerun_replaces_only_its_partitions(backfilled):
         else:
             assert now == manifest, f"{ds} {d} changed by the rerun of {RERUN}"
 
-
-def test_a_backfill_newest_first_refuses_each_night_whose_previous_night_has_not_started(backfilled):
-    """`--run-backwards` would hold the run slots with nights waiting for nights that cannot start:
-    the newest night fails at once naming the reason, the oldest runs, no partition of the refused
-    night changes."""
-    af, lake, _ = backfilled
-    older, newer = RERUN - timedelta(days=1), RERUN
-    before = {ds: lake.manifest(ds, newer) for ds in DATASETS}
-    backfill_id = _backfill(af, "--from-date", older.isoformat(), "--to-date", newer.isoformat(), "--run-backwards",
-                            "--reprocess-behavior", "completed", "--max-active-runs", "1")  # fmt: skip
-    runs = {r["logical_date"][:10]: r for r in _wait_backfill_done(af, backfill_id, timeout=900)}
-    assert runs[older.isoformat()]["state"] == "success"
-    assert runs[newer.isoformat()]["state"] == "failed"
-    states = {t["task_id"]: t["state"] for t in af.task_instances("fraud_nightly", runs[newer.isoformat()]["dag_run_id"])}
-    assert states["plan"] == "failed" and states["clean"] == "upstream_failed", states
-    logs = [p for p in (af.home / "logs").rglob("*") if p.is_file() and "task_id=plan" in str(p)
-            and newer.isoformat() in str(p)]
-    assert any("create it without --run-backwards" in p.read_text(errors="replace") for p in logs), logs
-    assert {ds: lake.manifest(ds, newer) for ds in DATASETS} == before

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from jobs.common import contracts
 from jobs.common.calendar import MICROS_PER_DAY, Calendar, calendar, day_range
 from jobs.common.config import REPO_ROOT, settings
 from jobs.common.lake import Dataset, Lake
@@ -166,8 +167,11 @@ def ensure_features(lake: Lake, days: list[date], generate: bool, label_delay: s
                              f"{script.relative_to(REPO_ROOT)} does not exist to compute them; publish the features "
                              f"first (spark-submit jobs/spark/features.py --lake URI --start D1 --end D2)")
     first_missing = min(missing)
-    history_start = max(DATA_START, first_missing - timedelta(days=calendar().feature_history_days))
-    clean_days = [d for d in day_range(history_start, max(missing)) if not lake.is_published(Dataset.CLEAN, d)]
+    # every clean day the features of the missing days read, and what those clean days read in turn
+    # (a label event's look-back): from the step contracts, as the DAG's sensors wait for them
+    upstream = contracts.upstream([("features", d) for d in missing], calendar())
+    clean_days = sorted({d for dataset in contracts.step("clean").writes for d in upstream.get(dataset, [])
+                         if d >= DATA_START and not lake.is_published(dataset, d)})
     if clean_days:
         _run([spark_submit, str(REPO_ROOT / "jobs/spark/clean.py"), "--lake", lake.uri,
               "--start", min(clean_days).isoformat(), "--end", max(clean_days).isoformat()])
