@@ -558,3 +558,16 @@ def test_the_report_runs_on_a_day_whose_clean_step_failed_and_says_why(spark, la
     steps = {s["step"]: s for s in report.read_report(lake, D)["steps"]}
     assert steps["clean"]["status"] == "failed" and "TERMINAL_ID" in steps["clean"]["reason"]
     assert steps["features"]["status"] == "not run" and steps["score"]["status"] == "not run"
+
+
+@pytest.mark.parametrize("store", ["file", "s3"])
+def test_a_conditional_put_whose_answer_was_lost_is_not_recorded_twice(store, lake: Lake, request):
+    """The client retries a create whose answer was lost; the store says "exists": the same bytes
+    there are this writer's own record (one record, and the writer is told it created it); other
+    bytes are another writer's."""
+    target = request.getfixturevalue("s3_lake") if store == "s3" else lake
+    path = target.path("models", "registry", "events", "00000000.json")
+    assert target.put_if_absent(path, b'{"seq": 0, "kind": "promote"}') is True
+    assert target.put_if_absent(path, b'{"seq": 0, "kind": "promote"}') is True  # the retried request
+    assert target.put_if_absent(path, b'{"seq": 0, "kind": "rollback"}') is False
+    assert [i.base_name for i in target.list_dir(posixpath.dirname(path))] == ["00000000.json"]
