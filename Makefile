@@ -26,10 +26,10 @@ venv: $(STAMP) ## create .venv and install the pinned requirements (only when mi
 
 test: $(STAMP) ## install if needed, then run the whole test suite
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadfile  # two workers, a test file each at a time (the scheduler tests mostly wait)
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder  # two workers, a file each; the scheduler tests (first in order) mostly wait
 
 test-fast: $(STAMP) ## the suite without the slow (Airflow scheduler, S3 server) tests
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check .
