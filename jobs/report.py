@@ -40,10 +40,6 @@ def _manifest_rows(lake: Lake, dataset: str, day: date) -> int | None:
     return None if manifest is None else int(manifest["rows"])
 
 
-def _latest_run_record(lake: Lake, step: str, day: date) -> dict | None:
-    return lake.latest_run_record(step, day)
-
-
 STEP_OUTPUTS = (("clean", Dataset.CLEAN), ("quality_gate", None), ("features", Dataset.FEATURES),
                 ("score", Dataset.SCORES))
 
@@ -270,12 +266,12 @@ def build_report(lake: Lake, day: date, k: int | None = None) -> tuple[dict, dic
     days, frame = matured_frame(lake, day, cal)
     scores = day_scores(lake, day)
     trend = volume_trend(lake, day, cal)
-    score_run = _latest_run_record(lake, "score", day)
+    score_run = lake.latest_run_record("score", day)
     report = {
         "date": day.isoformat(),
         "counts": counts(lake, day),
         "steps": step_status(lake, day),
-        "quality": _latest_run_record(lake, "quality_gate", day),
+        "quality": lake.latest_run_record("quality_gate", day),
         "model": model_section(lake, day, cal),
         "scoring": {
             "status": "scored" if scores.size or lake.is_published(Dataset.SCORES, day) else "not scored",
