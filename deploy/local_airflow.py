@@ -91,6 +91,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, killed and not yet reaped, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _descendants(roots: list[int]) -> set[int]:
     """Pids of all live descendants of ``roots`` (Linux /proc; empty elsewhere)."""
     children: dict[int, list[int]] = {}
@@ -227,6 +249,30 @@ class LocalAirflow:
             except (ProcessLookupError, PermissionError):
                 pass
         self.procs.clear()
+
+    def crash(self, name: str) -> dict[int, str]:
+        """SIGKILL a component with every process under it, as a host or container going down does;
+        returns their pids and command lines, all gone when this returns. The tree is frozen first (SIGSTOP), so no
+        process escapes by being started, or re-parented, while it is killed."""
+        proc = self.procs.pop(name)
+        tree: set[int] = set()
+        while True:
+            new = ({proc.pid} | _descendants([proc.pid, *tree])) - tree
+            if not new:
+                break
+            for pid in new:
+                _signal(pid, signal.SIGSTOP)
+            tree |= new
+        commands = {pid: _command_line(pid) for pid in tree}
+        for pid in tree:
+            _signal(pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in tree):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"processes of {name} still alive after SIGKILL: {sorted(p for p in tree if _alive(p))}")
+            time.sleep(0.2)
+        return commands
 
     def log_tail(self, name: str, chars: int = 3000) -> str:
         path = self.home / f"{name}.log"

@@ -155,8 +155,10 @@ def _wait_until_s3_answers(info: dict, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
-        try:
-            client.list_buckets()
+        try:  # the gateway answers before the volume servers do: read a stored object back too
+            for bucket in client.list_buckets()["Buckets"]:
+                for item in client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=1).get("Contents", []):
+                    client.get_object(Bucket=bucket["Name"], Key=item["Key"])["Body"].read()
             return
         except Exception as exc:  # noqa: BLE001 - retried until the deadline
             last = exc

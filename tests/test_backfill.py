@@ -12,6 +12,9 @@ real late delivery gives: a later day's data is there first, and its run waits i
 ahead with a gap). The reference
 is the sequential pipeline built with the range commands in another lake.
 
+While a Spark step of the backfill runs, the scheduler is crashed with every process under it and a
+new one started: the step runs again to the end, and the outputs still equal the sequential run.
+
 The rerun (`airflow backfill create --reprocess-behavior completed` for 04-12, a non-training day
 scored by the 04-10 champion) happens after the 04-13 model exists: its scores must not change.
 
@@ -28,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -139,6 +142,9 @@ def airflow_up(history_lake, tmp_path_factory):
         **SMALL,
         "FRAUD_POKE_SECONDS": "2", "FRAUD_SENSOR_MODE": "poke", "FRAUD_RETRIES": "0", "FRAUD_MAX_ACTIVE_RUNS": "2",
         "FRAUD_WAIT_TIMEOUT_HOURS": "1",
+        # the scheduler is crashed mid-backfill: the new one resets the dead one's tasks within seconds
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "15",
+        "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10",
         # Poke mode: with a poke interval this short, a reschedule-mode sensor is re-queued before
         # LocalExecutor reports its previous poke, and the scheduler then marks it failed (a race in
         # Airflow 3.3 seen here; the production interval, 120 s, is far longer than that lag).
@@ -207,6 +213,33 @@ def _release_late_landing(af, lake, timeout: float = 900) -> None:
     lake.mark_landing_done(LATE)
 
 
+def _crash_the_scheduler_during_a_step(af, timeout: float = 900) -> tuple[str, str, int]:
+    """Once a Spark step has run a few seconds, SIGKILL the scheduler with every process under it
+    (its executor, the task processes, spark-submit and the JVM: what a host or container going
+    down takes with it), then start a new scheduler. Returns the step's (run id, task id, try).
+
+    Every killed process is gone before the new scheduler starts, so the step's next try is the
+    only writer of its partitions: none is written twice at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert time.monotonic() < deadline, af.log_tail("scheduler")
+        af._check_alive()
+        running = [(run["dag_run_id"], t) for run in af.dag_runs("fraud_nightly") if run["state"] == "running"
+                   for t in af.task_instances("fraud_nightly", run["dag_run_id"])
+                   if t["task_id"] in ("clean", "features") and t["state"] == "running" and t["start_date"]]  # fmt: skip
+        now = datetime.now(UTC)
+        ripe = [(r, t) for r, t in running if (now - datetime.fromisoformat(t["start_date"])).total_seconds() > 8]
+        if ripe:
+            break
+        time.sleep(1)
+    run_id, ti = ripe[0]
+    killed = af.crash("scheduler")
+    assert any("spark" in command for command in killed.values()), killed  # the step's Spark went with it
+    print(f"crashed the scheduler during {ti['task_id']} of {run_id}: {len(killed)} processes killed")
+    af.start("scheduler")
+    return run_id, ti["task_id"], ti["try_number"]
+
+
 @pytest.fixture(scope="module")
 def backfilled(airflow_up):
     """The lake filled by one `airflow backfill create` over START .. END; yields (airflow, lake, runs)."""
@@ -214,7 +247,11 @@ def backfilled(airflow_up):
     backfill_id = _backfill(af, "--from-date", START.isoformat(), "--to-date", END.isoformat(),
                             "--max-active-runs", "2")  # fmt: skip
     _release_late_landing(af, lake)
+    crashed = _crash_the_scheduler_during_a_step(af)
     runs = _wait_backfill_done(af, backfill_id, timeout=1500)
+    run_id, task_id, try_number = crashed
+    again = next(t for t in af.task_instances("fraud_nightly", run_id) if t["task_id"] == task_id)
+    assert again["state"] == "success" and again["try_number"] > try_number, again  # run again, to the end
     finished = sorted(runs, key=lambda r: r["end_date"] or "")
     print("finish order:", [r["logical_date"][:10] for r in finished])
     return af, lake, runs
