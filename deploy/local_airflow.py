@@ -9,6 +9,7 @@ CLI, it does not import Airflow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -89,28 +90,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie, killed and not yet reaped, counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _descendants(roots: list[int]) -> set[int]:
@@ -252,26 +231,26 @@ class LocalAirflow:
 
     def crash(self, name: str) -> dict[int, str]:
         """SIGKILL a component with every process under it, as a host or container going down does;
-        returns their pids and command lines, all gone when this returns. The tree is frozen first (SIGSTOP), so no
-        process escapes by being started, or re-parented, while it is killed."""
-        proc = self.procs.pop(name)
-        tree: set[int] = set()
-        while True:
-            new = ({proc.pid} | _descendants([proc.pid, *tree])) - tree
-            if not new:
-                break
-            for pid in new:
-                _signal(pid, signal.SIGSTOP)
-            tree |= new
-        commands = {pid: _command_line(pid) for pid in tree}
-        for pid in tree:
-            _signal(pid, signal.SIGKILL)
-        proc.wait()
-        deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in tree):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"processes of {name} still alive after SIGKILL: {sorted(p for p in tree if _alive(p))}")
-            time.sleep(0.2)
+        returns their pids and command lines, all gone when this returns. The tree is frozen first
+        (SIGSTOP), so no process escapes by being started, or re-parented, while it is killed."""
+        import psutil  # an Airflow dependency
+
+        root = psutil.Process(self.procs.pop(name).pid)
+        tree: dict[int, psutil.Process] = {}
+        while new := [p for p in (root, *root.children(recursive=True)) if p.pid not in tree]:
+            for p in new:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.suspend()
+                tree[p.pid] = p
+        commands = {}
+        for pid, p in tree.items():
+            with contextlib.suppress(psutil.Error):
+                commands[pid] = " ".join(p.cmdline())
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        _, alive = psutil.wait_procs(tree.values(), timeout=30)
+        if alive:
+            raise RuntimeError(f"processes of {name} still alive after SIGKILL: {[p.pid for p in alive]}")
         return commands
 
     def log_tail(self, name: str, chars: int = 3000) -> str:
