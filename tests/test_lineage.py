@@ -139,8 +139,8 @@ def _rebuilt_from(base: Path, redelivered: Lake, first: date, root: Path) -> Lak
     later = day_range(first, LAST)
     shutil.rmtree(fresh.partition_path(Dataset.LANDING, first))
     shutil.copytree(redelivered.partition_path(Dataset.LANDING, first), fresh.partition_path(Dataset.LANDING, first))
-    for dataset in (Dataset.CLEAN, Dataset.QUARANTINE, Dataset.CLEAN_LABELS, Dataset.QUARANTINE_LABELS,
-                    Dataset.FEATURES, Dataset.SCORES, Dataset.ALERTS, Dataset.REPORTS):
+    steps = ("clean", "features", "score", "report")  # every step of a day but training (models stay)
+    for dataset in (ds for name in steps for ds in contracts.step(name).writes):
         for day in later:
             shutil.rmtree(fresh.partition_path(dataset, day), ignore_errors=True)
     for day in calendar().schedule.training_days(first, LAST):  # models trained then read nothing that moved
