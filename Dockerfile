@@ -4,6 +4,15 @@
 #
 #   docker build -t fraud-nightly:latest .                      # CUDA build of torch (default)
 #   docker build --build-arg TORCH_INDEX=cpu -t fraud-nightly:cpu .   # CPU-only, smaller
+
+# Spark's S3 connector, from the one pinned list `make venv` uses too (deploy/spark-jars/pom.xml).
+FROM python:3.11-slim AS spark-jars
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends maven openjdk-17-jdk-headless \
+    && rm -rf /var/lib/apt/lists/*
+COPY deploy/spark-jars/pom.xml /build/pom.xml
+RUN mvn -q -B -f /build/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=/build/jars
+
 FROM python:3.11-slim
 
 ARG TORCH_VERSION=2.13.0
@@ -37,6 +46,11 @@ WORKDIR /opt/fraud
 RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_INDEX}"
 COPY requirements.txt constraints.txt ./
 RUN pip install -r requirements.txt -c constraints.txt
+# The S3 jars go where pyspark keeps Spark's own: the classpath of spark-submit, local mode and
+# the standalone master and worker started from this image.
+COPY --from=spark-jars /build/jars/ /tmp/spark-jars/
+RUN cp /tmp/spark-jars/*.jar "$(python -c 'import os, pyspark; print(os.path.join(os.path.dirname(pyspark.__file__), "jars"))')" \
+    && rm -rf /tmp/spark-jars
 # Airflow's metadata database in docker-compose is PostgreSQL (the local set-up uses SQLite).
 RUN pip install "psycopg2-binary==2.9.10"
 

@@ -22,31 +22,39 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .  # the jobs package importable from anywhere (spark-submit of a job file)
 	touch $(STAMP)
 
-venv: $(STAMP) ## create .venv and install the pinned requirements (only when missing or changed)
+# Spark's S3 connector (hadoop-aws and the AWS SDK bundle, pinned in deploy/spark-jars/pom.xml), put
+# in pyspark's jars folder: the classpath of local Spark, spark-submit and a standalone cluster.
+JARS := $(VENV)/.spark-jars
+$(JARS): $(STAMP) deploy/spark-jars/pom.xml
+	jars=$$($(PY) -c 'import os, pyspark; print(os.path.join(os.path.dirname(pyspark.__file__), "jars"))') \
+		&& mvn -q -B -f deploy/spark-jars/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$$jars"
+	touch $(JARS)
 
-test: $(STAMP) ## install if needed, then run the whole test suite
+venv: $(STAMP) $(JARS) ## create .venv, install the pinned requirements and Spark's S3 jars (only when missing or changed)
+
+test: $(STAMP) $(JARS) ## install if needed, then run the whole test suite
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder  # two workers, a file each; the scheduler tests (first in order) mostly wait
 
-test-fast: $(STAMP) ## the suite without the slow (Airflow scheduler, S3 server) tests
+test-fast: $(STAMP) $(JARS) ## the suite without the slow (Airflow scheduler, S3 server) tests
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check .
 
-run: $(STAMP) ## the main job: demo lake, then the nightly pipeline for one date (DATE=YYYY-MM-DD)
+run: $(STAMP) $(JARS) ## the main job: demo lake, then the nightly pipeline for one date (DATE=YYYY-MM-DD)
 	$(PY) -m jobs.demo $(if $(DATE),--date $(DATE))
 
-up: $(STAMP) ## start Airflow locally with the DAG ready in the UI (prints the URL and login)
+up: $(STAMP) $(JARS) ## start Airflow locally with the DAG ready in the UI (prints the URL and login)
 	$(PY) deploy/local_airflow.py
 
 QUALITY_LAKE ?= file://$(CURDIR)/.quality-lake
 QUALITY_LAKE_REALISTIC ?= file://$(CURDIR)/.quality-lake-realistic
-quality: $(STAMP) ## reference-protocol quality report, fixed and realistic label delays (generates both lakes once, ~30 min)
+quality: $(STAMP) $(JARS) ## reference-protocol quality report, fixed and realistic label delays (generates both lakes once, ~30 min)
 	$(PY) -m jobs.torch.quality --lake $(QUALITY_LAKE) --realistic-lake $(QUALITY_LAKE_REALISTIC) --generate \
 		--json .quality-lake/quality.json
 
-bench: $(STAMP) ## benchmarks (prints tables, writes bench/RESULTS.md)
+bench: $(STAMP) $(JARS) ## benchmarks (prints tables, writes bench/RESULTS.md)
 	$(PY) -m bench
 
 clean: ## remove the demo lake and run state (keeps .venv)

@@ -47,18 +47,30 @@ def lake(lake_uri: str):
 
 
 @pytest.fixture(scope="session")
-def small_inline_lake(tmp_path_factory) -> Path:
+def small_inline_lake(tmp_path_factory, worker_id) -> Path:
     """The small world of ``tests/pipeline.py`` with inline labels, built once by the pipeline's own
-    commands (clean, features, training days, score, report). Read-only: tests work on copies."""
+    commands (clean, features, training days, score, report). Read-only: tests work on copies.
+
+    One build serves every xdist worker of the run: the first to get the lock builds it in the run's
+    shared temporary folder, the others wait for it (two builds side by side would each take twice
+    as long on two cores)."""
+    from filelock import FileLock
     from pipeline import SMALL, build, generate
 
-    root = tmp_path_factory.mktemp("small-inline") / "lake"
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in SMALL.items():
-            mp.setenv(name, value)
-        generate(root.as_uri())
-        build(root.as_uri())
-    return root
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if worker_id != "master" else base
+    folder = shared / "small-inline"
+    with FileLock(str(shared / "small-inline.lock")):
+        if not (folder / "BUILT").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            with pytest.MonkeyPatch.context() as mp:
+                for name, value in SMALL.items():
+                    mp.setenv(name, value)
+                generate((folder / "lake").as_uri())
+                build((folder / "lake").as_uri())
+            (folder / "BUILT").touch()
+    return folder / "lake"
 
 
 @pytest.fixture(scope="session")
@@ -67,9 +79,20 @@ def spark():
     os.environ.setdefault("FRAUD_SPARK_MASTER", "local[2]")
     os.environ.setdefault("FRAUD_SPARK_SHUFFLE_PARTITIONS", "4")
     os.environ.setdefault("FRAUD_SPARK_DRIVER_MEMORY", "2g")
+    from pipeline import TEST_JAVA_OPTIONS
+
     from jobs.spark.session import get_spark
 
-    session = get_spark("fraud-tests")
+    # the JVM pyspark starts here takes the tests' driver options; children of this process do not
+    submit_args = os.environ.get("PYSPARK_SUBMIT_ARGS")
+    os.environ["PYSPARK_SUBMIT_ARGS"] = f"--driver-java-options {TEST_JAVA_OPTIONS} pyspark-shell"
+    try:
+        session = get_spark("fraud-tests")
+    finally:
+        if submit_args is None:
+            os.environ.pop("PYSPARK_SUBMIT_ARGS")
+        else:
+            os.environ["PYSPARK_SUBMIT_ARGS"] = submit_args
     yield session
     session.stop()
 

@@ -27,9 +27,16 @@ SMALL = {
 }
 
 
+# The tests' Spark drivers: a small local master, and the JIT's quick tier only. A job over this
+# small world is all start-up and first-run compilation; C1 alone cuts a day's clean from about
+# 30 s to 24 s here and changes nothing the job computes. Production keeps the JVM's defaults.
+TEST_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1"
+SPARK_OPTIONS = ("--master", "local[2]", "--driver-java-options", TEST_JAVA_OPTIONS)
+
+
 def run_step(step: str, lake_uri: str, start: date, end: date | None = None, ok=(0,)) -> None:
     argv = commands.step_command(step, commands.day_args(lake_uri, start, end),
-                                 spark_options=("--master", "local[2]") if step in commands.SPARK_JOBS else ())
+                                 spark_options=SPARK_OPTIONS if step in commands.SPARK_JOBS else ())
     done = commands.run(argv, capture=True)
     assert done.returncode in ok, f"{' '.join(argv)} -> {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 

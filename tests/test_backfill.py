@@ -10,7 +10,7 @@ later training day) with max_active_runs 2. The landing of 04-09 is held back un
 04-10 has landed and waits for the clean history its label events are checked against (the order a
 real late delivery gives: a later day's data is there first, and its run waits instead of going
 ahead with a gap). The reference
-is the sequential pipeline built with the range commands in another lake.
+is the sequential pipeline built with the range commands in another lake, while the backfill runs.
 
 While a Spark step of the backfill runs, the scheduler is crashed with every process under it and a
 new one started: the step runs again to the end, and the outputs still equal the sequential run.
@@ -26,6 +26,7 @@ actual finish order is printed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -35,7 +36,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from pipeline import SMALL
+from pipeline import SMALL, SPARK_OPTIONS, TEST_JAVA_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "deploy"))
@@ -72,7 +73,7 @@ def _run(argv: list[str], lake_uri: str, ok=(0,)) -> None:
 
 def _spark(job: str, lake_uri: str, start: date, end: date) -> None:
     submit = str(Path(sys.executable).parent / "spark-submit")
-    _run([submit, "--master", "local[2]", f"jobs/spark/{job}.py", "--lake", lake_uri,
+    _run([submit, *SPARK_OPTIONS, f"jobs/spark/{job}.py", "--lake", lake_uri,
           "--start", start.isoformat(), "--end", end.isoformat()], lake_uri)  # fmt: skip
 
 
@@ -111,10 +112,8 @@ def history_lake(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def sequential_lake(history_lake, tmp_path_factory) -> str:
+def _build_sequential(history_lake: Path, root: Path) -> str:
     """The reference: the same data through the range commands, in date order."""
-    root = tmp_path_factory.mktemp("sequential") / "lake"
     shutil.copytree(history_lake, root)
     uri = root.as_uri()
     _spark("clean", uri, START, END)
@@ -124,6 +123,20 @@ def sequential_lake(history_lake, tmp_path_factory) -> str:
     _run([sys.executable, "-m", "jobs.torch.score", "--lake", uri, "--start", START.isoformat(),
           "--end", END.isoformat(), "--k", SMALL["FRAUD_ALERT_K"]], uri)  # fmt: skip
     return uri
+
+
+@pytest.fixture(scope="module")
+def sequential_build(history_lake, tmp_path_factory):
+    """The reference, built in the background while the backfill runs (its own lake, its own processes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(_build_sequential, history_lake, tmp_path_factory.mktemp("sequential") / "lake")
+
+
+@pytest.fixture(scope="module")
+def sequential_lake(sequential_build) -> str:
+    return sequential_build.result(timeout=1800)
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +155,7 @@ def airflow_up(history_lake, tmp_path_factory):
         **SMALL,
         "FRAUD_POKE_SECONDS": "2", "FRAUD_SENSOR_MODE": "poke", "FRAUD_RETRIES": "0", "FRAUD_MAX_ACTIVE_RUNS": "2",
         "FRAUD_WAIT_TIMEOUT_HOURS": "1",
+        "FRAUD_SPARK_CONF": json.dumps({"spark.driver.extraJavaOptions": TEST_JAVA_OPTIONS}),
         # the scheduler is crashed mid-backfill: the new one resets the dead one's tasks within seconds
         "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "15",
         "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10",
@@ -241,7 +255,7 @@ def _crash_the_scheduler_during_a_step(af, timeout: float = 900) -> tuple[str, s
 
 
 @pytest.fixture(scope="module")
-def backfilled(airflow_up):
+def backfilled(sequential_build, airflow_up):
     """The lake filled by one `airflow backfill create` over START .. END; yields (airflow, lake, runs)."""
     af, lake = airflow_up
     backfill_id = _backfill(af, "--from-date", START.isoformat(), "--to-date", END.isoformat(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def test_dockerfile_pins_match_requirements():
     text = (REPO / "Dockerfile").read_text()
     torch_pin = re.search(r"^torch==(\S+)", (REPO / "requirements.txt").read_text(), re.M).group(1)
     assert f"ARG TORCH_VERSION={torch_pin}" in text
-    for path in re.findall(r"^COPY (\S+)", text, re.M):
+    for path in re.findall(r"^COPY (?!--from)(\S+)", text, re.M):
         assert (REPO / path).exists(), path
 
 
@@ -94,3 +95,31 @@ def test_ports_bound_to_localhost(compose):
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), port
 
+
+
+def test_the_image_fetches_the_spark_jars_from_the_list_make_venv_uses(dockerfile):
+    runs = " ".join(a for i, a in dockerfile if i == "RUN")
+    copies = [a for i, a in dockerfile if i == "COPY"]
+    assert "deploy/spark-jars/pom.xml /build/pom.xml" in copies
+    assert "-f /build/pom.xml dependency:copy-dependencies" in runs
+    assert any(c.startswith("--from=spark-jars /build/jars/") for c in copies)
+    assert "pyspark.__file__" in runs and '"jars"' in runs  # into pyspark's jars folder, as `make venv` does
+    makefile = (REPO / "Makefile").read_text()
+    assert "-f deploy/spark-jars/pom.xml dependency:copy-dependencies" in makefile
+
+
+def test_compose_spark_cluster_runs_the_commands_the_tests_run(compose):
+    import sys
+
+    sys.path.insert(0, str(REPO / "deploy"))
+    from spark_standalone import master_command, worker_command
+
+    services = compose["services"]
+    assert services["spark-master"]["command"][1:] == master_command("0.0.0.0", 7077, 8080)[1:]
+    assert services["spark-worker"]["command"][1:] == worker_command("spark://spark-master:7077", "0.0.0.0", 2, "2g",
+                                                                     "/tmp/spark-work", 8081)[1:]
+    assert all(services[s]["command"][0] == "spark-class" for s in ("spark-master", "spark-worker"))
+    conn = json.loads(services["airflow-scheduler"]["environment"]["AIRFLOW_CONN_SPARK_DEFAULT"])
+    assert (conn["host"], conn["port"]) == ("spark://spark-master", 7077)
+    worker_env = services["spark-worker"]["environment"]
+    assert worker_env["AWS_SECRET_ACCESS_KEY"].startswith("${AWS_SECRET_ACCESS_KEY:?")  # no default secret

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import S3_ACCESS_KEY, S3_SECRET_KEY, WeedServer
-from pipeline import SMALL
+from pipeline import SMALL, SPARK_OPTIONS
 
 from jobs.common import commands
 from jobs.common.contracts import step as contract
@@ -46,7 +46,7 @@ def _env(extra: dict | None = None) -> dict[str, str]:
 def _command(step: str, lake_uri: str) -> list[str]:
     days = (TRAIN_DAY, None) if step == "train" else DAYS
     return commands.step_command(step, commands.day_args(lake_uri, *days),
-                                 spark_options=("--master", "local[2]") if step in commands.SPARK_JOBS else ())
+                                 spark_options=SPARK_OPTIONS if step in commands.SPARK_JOBS else ())
 
 
 def _attempts(lake: Lake, datasets, days) -> set[str]:

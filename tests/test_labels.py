@@ -218,7 +218,7 @@ def test_a_label_event_delivered_late_reaches_only_what_is_computed_after_it(sma
     lake.mark_landing_done(arrives, Dataset.LANDING_LABELS)
     run_step("clean", lake.uri, arrives)
     assert lake.manifest(Dataset.CLEAN_LABELS, arrives)["rows"] == 1
-    run_step("features", lake.uri, FIRST, last)  # every day recomputed with the event in the lake
+    run_step("features", lake.uri, day, last)  # D and every later day recomputed with the event in the lake
     changed = {d for d in day_range(FIRST, last) if lake.digest(Dataset.FEATURES, d) != before[d]}
     assert changed and min(changed) >= arrives  # nothing before the day it arrived moved
     after = lake.read_days(Dataset.FEATURES, day_range(arrives, last)).to_pylist()

@@ -15,7 +15,8 @@ import pyarrow as pa
 from pyspark.sql import SparkSession
 from pyspark.sql import types as T
 
-from jobs.common.config import settings
+from jobs.common.config import S3Settings, settings
+from jobs.common.lake import S3_CONNECT_TIMEOUT_S, S3_MAX_ATTEMPTS, S3_REQUEST_TIMEOUT_S
 
 _ARROW_TO_SPARK: dict[pa.DataType, T.DataType] = {
     pa.int64(): T.LongType(),
@@ -38,9 +39,9 @@ def get_spark(app_name: str) -> SparkSession:
     cfg = settings()
     # A plain `python jobs/spark/x.py`: Python workers use this interpreter (its venv), not `python3`.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    submitted = launched_by_spark_submit()
     builder = (
-        SparkSession.builder.appName(app_name)
-        .config("spark.sql.session.timeZone", "UTC")
+        SparkSession.builder.config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.shuffle.partitions", str(cfg.spark_shuffle_partitions))
         .config("spark.sql.adaptive.enabled", "true")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
@@ -52,15 +53,50 @@ def get_spark(app_name: str) -> SparkSession:
         # of them on the driver is quicker than the Spark job Spark starts from 32 paths up.
         .config("spark.sql.sources.parallelPartitionDiscovery.threshold", "1024")
     )
-    # spark-submit sets spark.master; a plain `python` run gets the configured local master.
-    if "spark.master" not in SparkSession.builder._options and not _submitted_with_master():
+    for key, value in s3a_conf(cfg.s3).items():
+        builder = builder.config(key, value)
+    # Under spark-submit the master, the driver's memory and the application's name are the command
+    # line's (the driver JVM is already running); a plain `python` run gets the configured local
+    # master and memory, and the job's own name.
+    if not submitted:
+        builder = builder.appName(app_name)
+    if "spark.master" not in SparkSession.builder._options and not submitted:
         builder = builder.master(cfg.spark_master).config("spark.driver.memory", cfg.spark_driver_memory)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
 
 
-def _submitted_with_master() -> bool:
-    from pyspark import SparkConf
+def s3a_conf(s3: S3Settings) -> dict[str, str]:
+    """Spark's ``s3a://`` settings for the store the lake's own client uses (``FRAUD_S3_ENDPOINT_URL``,
+    ``AWS_REGION``): the same endpoint, path-style addressing for S3-compatible servers, and
+    timeouts and retries as bounded as the lake's. The keys are never in the conf: with keys in the
+    environment the driver and every executor read them from their own environment (a cluster's
+    workers are started with them), as the lake's client and the Python workers do; without, the
+    AWS SDK's default chain (an instance or pod role) applies."""
+    conf = {
+        "spark.hadoop.fs.s3a.endpoint.region": s3.region,
+        # S3A's floor for the connect timeout is 15 s (it raises anything lower, with a warning)
+        "spark.hadoop.fs.s3a.connection.establish.timeout": f"{max(S3_CONNECT_TIMEOUT_S, 15)}s",
+        "spark.hadoop.fs.s3a.connection.timeout": f"{S3_REQUEST_TIMEOUT_S}s",
+        "spark.hadoop.fs.s3a.attempts.maximum": str(S3_MAX_ATTEMPTS),
+        "spark.hadoop.fs.s3a.retry.limit": str(S3_MAX_ATTEMPTS),
+        "spark.hadoop.fs.s3a.retry.interval": "500ms",
+    }
+    if s3.endpoint_url:
+        conf.update({
+            "spark.hadoop.fs.s3a.endpoint": s3.endpoint_url,
+            "spark.hadoop.fs.s3a.path.style.access": "true",
+            "spark.hadoop.fs.s3a.connection.ssl.enabled": str(s3.endpoint_url.startswith("https://")).lower(),
+        })
+    if s3.access_key and s3.secret_key:
+        conf["spark.hadoop.fs.s3a.aws.credentials.provider"] = (
+            "software.amazon.awssdk.auth.credentials.EnvironmentVariableCredentialsProvider")
+    return conf
 
-    return SparkConf().contains("spark.master")
+
+def launched_by_spark_submit() -> bool:
+    """True in a driver that spark-submit (or the pyspark shell) started: the JVM, with the submitted
+    master and conf, is already up and hands this process its gateway. A conf object made before the
+    session exists cannot tell: it is not backed by the JVM yet and holds nothing."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
