@@ -2,12 +2,12 @@
 run gives, with max_active_runs > 1 and partitions written out of date order; rerunning a date
 replaces only its partitions, even when later models already exist.
 
-Small world: 60 customers / 120 terminals, first date 2018-04-01, training every 3 days on a
-2-day window, so the first training day is 2018-04-10 and the next 2018-04-13. History 04-01 ..
-04-08 is bootstrapped once with the range commands and copied into both lakes; the backfill covers
-04-09 .. 04-13 (a date before the first champion, the first training day, two ordinary days and a
-later training day) with max_active_runs 2. The landing of 04-09 is held back until the run of
-04-10 has landed and waits for the clean history its label events are checked against (the order a
+Small world: 60 customers / 120 terminals, first date 2018-04-01, training every 2 days on a
+2-day window, so the first training day is 2018-04-11 and the next 2018-04-13. History 04-01 ..
+04-09 is bootstrapped once with the range commands and copied into both lakes; the backfill covers
+04-10 .. 04-13 (a date before the first champion, the first training day, an ordinary day and a
+later training day) with max_active_runs 2. The landing of 04-10 is held back until the run of
+04-11 has landed and waits for the clean history its label events are checked against (the order a
 real late delivery gives: a later day's data is there first, and its run waits instead of going
 ahead with a gap). The reference
 is the sequential pipeline built with the range commands in another lake, while the backfill runs.
@@ -16,7 +16,7 @@ While a Spark step of the backfill runs, the scheduler is crashed with every pro
 new one started: the step runs again to the end, and the outputs still equal the sequential run.
 
 The rerun (`airflow backfill create --reprocess-behavior completed` for 04-12, a non-training day
-scored by the 04-10 champion) happens after the 04-13 model exists: its scores must not change.
+scored by the 04-11 champion) happens after the 04-13 model exists: its scores must not change.
 
 Runs finishing strictly out of date order cannot be forced with lake inputs: every run waits for the
 clean partitions of all earlier days (features need 37 days of history), so a later run always
@@ -44,10 +44,11 @@ sys.path.insert(0, str(REPO / "deploy"))
 pytestmark = pytest.mark.slow
 
 FIRST = date(2018, 4, 1)
-START, END = date(2018, 4, 9), date(2018, 4, 13)
-FIRST_TRAINING, LATER_TRAINING = date(2018, 4, 10), date(2018, 4, 13)
-LATE = date(2018, 4, 9)  # its landing arrives after the run of 04-10 is waiting for it
+START, END = date(2018, 4, 10), date(2018, 4, 13)
+FIRST_TRAINING, LATER_TRAINING = date(2018, 4, 11), date(2018, 4, 13)
+LATE = date(2018, 4, 10)  # its landing arrives after the run of 04-11 is waiting for it
 RERUN = date(2018, 4, 12)
+WORLD = {**SMALL, "FRAUD_TRAIN_EVERY_DAYS": "2"}  # four nights hold both training days and one between
 DATASETS = ("clean/transactions", "features/transactions", "scores/transactions", "alerts/cards")
 
 
@@ -58,7 +59,7 @@ def _days(start: date, end: date) -> list[date]:
 def _env(lake_uri: str) -> dict[str, str]:
     return {
         **os.environ,
-        **SMALL,
+        **WORLD,
         "FRAUD_LAKE_URI": lake_uri,
         "PYTHONPATH": str(REPO),
         "PYSPARK_PYTHON": sys.executable,
@@ -80,7 +81,7 @@ def _spark(job: str, lake_uri: str, start: date, end: date) -> None:
 def _training_days() -> list[date]:
     from jobs.common.calendar import TrainingSchedule
 
-    schedule = TrainingSchedule(FIRST, int(SMALL["FRAUD_TRAIN_EVERY_DAYS"]), int(SMALL["FRAUD_TRAIN_WINDOW_DAYS"]))
+    schedule = TrainingSchedule(FIRST, int(WORLD["FRAUD_TRAIN_EVERY_DAYS"]), int(WORLD["FRAUD_TRAIN_WINDOW_DAYS"]))
     assert schedule.first_training_day == FIRST_TRAINING
     days = schedule.training_days(START, END)
     assert days == [FIRST_TRAINING, LATER_TRAINING]
@@ -92,8 +93,8 @@ def _history_before_start() -> dict[str, list[date]]:
     from jobs.common.calendar import Calendar
     from jobs.common.contracts import ORDER, upstream
 
-    cal = Calendar(FIRST, train_every_days=int(SMALL["FRAUD_TRAIN_EVERY_DAYS"]),
-                   train_window_days=int(SMALL["FRAUD_TRAIN_WINDOW_DAYS"]))
+    cal = Calendar(FIRST, train_every_days=int(WORLD["FRAUD_TRAIN_EVERY_DAYS"]),
+                   train_window_days=int(WORLD["FRAUD_TRAIN_WINDOW_DAYS"]))
     runs = [(step, day) for day in _days(START, END) for step in ORDER]
     return {ds: [d for d in days if d < START] for ds, days in upstream(runs, cal).items()}
 
@@ -121,7 +122,7 @@ def _build_sequential(history_lake: Path, root: Path) -> str:
     for day in _training_days():
         _run([sys.executable, "-m", "jobs.torch.train", "--lake", uri, "--date", day.isoformat()], uri)
     _run([sys.executable, "-m", "jobs.torch.score", "--lake", uri, "--start", START.isoformat(),
-          "--end", END.isoformat(), "--k", SMALL["FRAUD_ALERT_K"]], uri)  # fmt: skip
+          "--end", END.isoformat(), "--k", WORLD["FRAUD_ALERT_K"]], uri)  # fmt: skip
     return uri
 
 
@@ -152,7 +153,7 @@ def airflow_up(history_lake, tmp_path_factory):
     lake = Lake.from_uri(uri)
     lake.unmark_landing_done(LATE)
     extra = {
-        **SMALL,
+        **WORLD,
         "FRAUD_POKE_SECONDS": "2", "FRAUD_SENSOR_MODE": "poke", "FRAUD_RETRIES": "0", "FRAUD_MAX_ACTIVE_RUNS": "2",
         "FRAUD_WAIT_TIMEOUT_HOURS": "1",
         "FRAUD_SPARK_CONF": json.dumps({"spark.driver.extraJavaOptions": TEST_JAVA_OPTIONS}),
@@ -354,7 +355,7 @@ def test_backfill_equals_sequential(backfilled, sequential_lake):
     # each day is scored by the champion as of that day, never by a later model
     versions = {d: {r["model_version"] for r in _content(lake.uri, "scores/transactions", d)}
                 for d in _days(FIRST_TRAINING, END)}  # fmt: skip
-    assert versions[FIRST_TRAINING] == versions[FIRST_TRAINING + timedelta(days=2)]
+    assert versions[FIRST_TRAINING] == versions[RERUN]
     assert len(versions[LATER_TRAINING]) == 1
 
 
@@ -366,7 +367,7 @@ def test_rerun_replaces_only_its_partitions_and_newest_first_is_refused(backfill
 
     af, lake, _ = backfilled
     refused = RERUN + timedelta(days=1)
-    # the later training day's decision exists: a rerun of RERUN must still use the 04-10 champion
+    # the later training day's decision exists: a rerun of RERUN must still use the 04-11 champion
     assert Registry(lake).decision(LATER_TRAINING) is not None
     before = {(ds, d): lake.manifest(ds, d) for ds in DATASETS for d in _days(FIRST, END)}
     contents = {ds: _content(lake.uri, ds, RERUN) for ds in DATASETS}
