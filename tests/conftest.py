@@ -83,16 +83,9 @@ def spark():
 
     from jobs.spark.session import get_spark
 
-    # the JVM pyspark starts here takes the tests' driver options; children of this process do not
-    submit_args = os.environ.get("PYSPARK_SUBMIT_ARGS")
-    os.environ["PYSPARK_SUBMIT_ARGS"] = f"--driver-java-options {TEST_JAVA_OPTIONS} pyspark-shell"
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # the JVM started here takes the tests' driver options, children do not
+        mp.setenv("PYSPARK_SUBMIT_ARGS", f"--driver-java-options {TEST_JAVA_OPTIONS} pyspark-shell")
         session = get_spark("fraud-tests")
-    finally:
-        if submit_args is None:
-            os.environ.pop("PYSPARK_SUBMIT_ARGS")
-        else:
-            os.environ["PYSPARK_SUBMIT_ARGS"] = submit_args
     yield session
     session.stop()
 

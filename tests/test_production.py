@@ -42,18 +42,23 @@ def test_the_session_runs_on_the_master_spark_submit_was_given(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def s3_world(s3_server):
+def store_env(s3_server) -> dict[str, str]:
+    """The test S3 server as a process's environment names it."""
+    return {"FRAUD_S3_ENDPOINT_URL": s3_server["endpoint_url"], "AWS_ACCESS_KEY_ID": s3_server["access_key"],
+            "AWS_SECRET_ACCESS_KEY": s3_server["secret_key"], "AWS_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3_world(s3_server, store_env):
     """The small world in a fresh bucket, cleaned and featurised by the range commands on S3."""
     import boto3
 
     bucket = f"prod-{uuid.uuid4().hex[:10]}"
-    env = {**SMALL, "FRAUD_S3_ENDPOINT_URL": s3_server["endpoint_url"], "AWS_ACCESS_KEY_ID": s3_server["access_key"],
-           "AWS_SECRET_ACCESS_KEY": s3_server["secret_key"], "AWS_REGION": "us-east-1"}  # fmt: skip
     boto3.client("s3", endpoint_url=s3_server["endpoint_url"], aws_access_key_id=s3_server["access_key"],
                  aws_secret_access_key=s3_server["secret_key"], region_name="us-east-1").create_bucket(Bucket=bucket)
     uri = f"s3://{bucket}/lake"
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in env.items():
+        for name, value in {**SMALL, **store_env}.items():
             mp.setenv(name, value)
         generate(uri)
         run_step("clean", uri, FIRST, LAST)
@@ -72,14 +77,14 @@ def test_spark_jobs_on_an_s3_lake_publish_what_they_publish_on_a_directory_lake(
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, s3_world):
+def cluster(tmp_path_factory, store_env):
     """A standalone master and one worker on 127.0.0.1. The worker's environment has the store's
     credentials (its executors read S3 with them) but not this repository on PYTHONPATH: the jobs'
     code reaches the executors only as the DAG ships it, ``--py-files``."""
     from spark_standalone import StandaloneCluster
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(_s3_env(s3_world))
+    env.update(store_env)
     spark = StandaloneCluster(tmp_path_factory.mktemp("spark-standalone"), port=free_port(), webui_port=free_port(),
                               worker_webui_port=free_port(), cores=2, memory="2g", env=env)  # fmt: skip
     try:
@@ -88,19 +93,13 @@ def cluster(tmp_path_factory, s3_world):
         spark.stop()
 
 
-def _s3_env(lake: Lake) -> dict[str, str]:
-    s3 = lake._s3
-    return {"FRAUD_S3_ENDPOINT_URL": s3.endpoint_url, "AWS_ACCESS_KEY_ID": s3.access_key,
-            "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_REGION": s3.region}
-
-
 @pytest.mark.slow
-def test_the_dag_s_spark_operator_runs_the_jobs_on_a_standalone_cluster(s3_world, cluster, monkeypatch):
+def test_the_dag_s_spark_operator_runs_the_jobs_on_a_standalone_cluster(s3_world, store_env, cluster, monkeypatch):
     """clean and features of LAST again, through SparkJobOperator with ``spark_default`` at the cluster:
     the executors ran on the worker, and the republished partitions equal local mode's."""
     from fraud_ops.spark import SparkJobOperator
 
-    for name, value in {**SMALL, **_s3_env(s3_world)}.items():
+    for name, value in {**SMALL, **store_env}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("PATH", os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"])))  # as on a worker
     monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", json.dumps(

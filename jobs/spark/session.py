@@ -39,7 +39,6 @@ def get_spark(app_name: str) -> SparkSession:
     cfg = settings()
     # A plain `python jobs/spark/x.py`: Python workers use this interpreter (its venv), not `python3`.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    submitted = launched_by_spark_submit()
     builder = (
         SparkSession.builder.config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.shuffle.partitions", str(cfg.spark_shuffle_partitions))
@@ -58,10 +57,8 @@ def get_spark(app_name: str) -> SparkSession:
     # Under spark-submit the master, the driver's memory and the application's name are the command
     # line's (the driver JVM is already running); a plain `python` run gets the configured local
     # master and memory, and the job's own name.
-    if not submitted:
-        builder = builder.appName(app_name)
-    if "spark.master" not in SparkSession.builder._options and not submitted:
-        builder = builder.master(cfg.spark_master).config("spark.driver.memory", cfg.spark_driver_memory)
+    if not launched_by_spark_submit():
+        builder = builder.appName(app_name).master(cfg.spark_master).config("spark.driver.memory", cfg.spark_driver_memory)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
