@@ -45,8 +45,8 @@ lint: $(STAMP) ## ruff
 run: $(STAMP) $(JARS) ## the main job: demo lake, then the nightly pipeline for one date (DATE=YYYY-MM-DD)
 	$(PY) -m jobs.demo $(if $(DATE),--date $(DATE))
 
-up: $(STAMP) $(JARS) ## start Airflow locally with the DAG ready in the UI (prints the URL and login)
-	$(PY) deploy/local_airflow.py
+up: $(STAMP) $(JARS) ## start Airflow locally with the DAG ready in the UI (PROFILE=celery: PostgreSQL, Redis, Celery)
+	$(PY) deploy/local_airflow.py $(if $(PROFILE),--profile $(PROFILE))
 
 QUALITY_LAKE ?= file://$(CURDIR)/.quality-lake
 QUALITY_LAKE_REALISTIC ?= file://$(CURDIR)/.quality-lake-realistic

@@ -141,8 +141,9 @@ def fraud_nightly():
     def quality_gate(lake: str, day: str) -> dict:
         from fraud_ops.config import gate_thresholds
         from fraud_ops.gates import check_day
+        from fraud_ops.store import task_lake
 
-        return check_day(lake, day, gate_thresholds())
+        return check_day(task_lake(lake, CFG.aws_conn_id), day, gate_thresholds())
 
     @task.branch
     def train_today(day: str, params=None) -> str:
@@ -156,7 +157,9 @@ def fraud_nightly():
     # a sensor's wait is bounded by its timeout; in poke mode the wait is one execution, so no execution_timeout
     poke_limit = {"execution_timeout": None} if CFG.sensor_mode == "poke" else {}
     wait = {"poke_interval": CFG.poke_seconds, "timeout": CFG.wait_timeout_hours * 3600, "mode": CFG.sensor_mode,
-            **poke_limit}
+            "aws_conn_id": CFG.aws_conn_id, **poke_limit}
+    spark = {"conn_id": CFG.spark_conn_id, "conf": CFG.spark_conf, "driver_memory": STEP.spark_driver_memory,
+             "aws_conn_id": CFG.aws_conn_id}
 
     landing = LandingSensor(
         task_id="wait_for_landing",
@@ -165,15 +168,15 @@ def fraud_nightly():
         poke_interval=CFG.poke_seconds,
         timeout=CFG.landing_timeout_hours * 3600,
         mode=CFG.sensor_mode,
+        aws_conn_id=CFG.aws_conn_id,
         **poke_limit,
     )
     label_history = InputsSensor(
         task_id="wait_for_label_history", steps="clean", dataset=Dataset.CLEAN, lake=lake, day=day, **wait,
     )  # fmt: skip
     clean = SparkJobOperator(
-        task_id="clean", job="clean", lake=lake, day=day, conn_id=CFG.spark_conn_id,
-        conf=CFG.spark_conf, driver_memory=STEP.spark_driver_memory, outlets=[CLEAN, QUARANTINE, LABELS],
-        execution_timeout=CFG.timeout("clean"),
+        task_id="clean", job="clean", lake=lake, day=day, outlets=[CLEAN, QUARANTINE, LABELS],
+        execution_timeout=CFG.timeout("clean"), **spark,
     )  # fmt: skip
     clean_history = InputsSensor(
         task_id="wait_for_clean_history", steps=("quality_gate", "features"), dataset=Dataset.CLEAN,
@@ -183,9 +186,8 @@ def fraud_nightly():
         task_id="wait_for_clean_labels", steps="features", dataset=Dataset.CLEAN_LABELS, lake=lake, day=day, **wait,
     )  # fmt: skip
     features = SparkJobOperator(
-        task_id="features", job="features", lake=lake, day=day, conn_id=CFG.spark_conn_id,
-        conf=CFG.spark_conf, driver_memory=STEP.spark_driver_memory, outlets=[FEATURES],
-        execution_timeout=CFG.timeout("features"),
+        task_id="features", job="features", lake=lake, day=day, outlets=[FEATURES],
+        execution_timeout=CFG.timeout("features"), **spark,
     )  # fmt: skip
     training_inputs = InputsSensor(
         task_id="wait_for_training_inputs", steps="train", dataset=Dataset.FEATURES, lake=lake, day=day,
@@ -196,7 +198,7 @@ def fraud_nightly():
         "train", "train",
         ["--lake", lake, "--date", day, "--window-days", "{{ params.window_days }}",
          "--model", "{{ params.model }}", "--seed", "{{ params.seed }}"],
-        CFG, file_lake_uri=STEP.lake_uri, outlets=[MODELS], execution_timeout=CFG.timeout("train"),
+        CFG, lake=lake, file_lake_uri=STEP.lake_uri, outlets=[MODELS], execution_timeout=CFG.timeout("train"),
     )  # fmt: skip
     no_training = EmptyOperator(task_id="no_training")
     decision = DecisionSensor(
@@ -208,11 +210,12 @@ def fraud_nightly():
     )  # fmt: skip
     score = torch_task(
         "score", "score", ["--lake", lake, "--date", day, "--k", "{{ params.k }}"],
-        CFG, skip_on_exit_code=EXIT_NO_CHAMPION, file_lake_uri=STEP.lake_uri, outlets=[SCORES, ALERTS],
+        CFG, lake=lake, skip_on_exit_code=EXIT_NO_CHAMPION, file_lake_uri=STEP.lake_uri, outlets=[SCORES, ALERTS],
         execution_timeout=CFG.timeout("score"),
     )  # fmt: skip
     report = LocalProcessOperator(
         task_id="report", command=["python", "-m", "jobs.report", "--lake", lake, "--date", day],
+        lake=lake, aws_conn_id=CFG.aws_conn_id,
         trigger_rule="all_done",  # also on a day whose steps failed: the report says which and why
         outlets=[REPORTS], execution_timeout=CFG.timeout("report"),
     )  # fmt: skip

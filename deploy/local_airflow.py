@@ -1,10 +1,14 @@
-"""Run Airflow locally on 127.0.0.1 (SQLite metadata, LocalExecutor): for `make up`, the demo and tests.
+"""Run Airflow locally on 127.0.0.1: for `make up`, the demo and tests.
+
+Two profiles. ``embedded`` (the default): SQLite metadata and the LocalExecutor, nothing else to
+run. ``celery``: the distributed parts of a production deployment on one machine, PostgreSQL
+metadata, a Redis broker and a Celery worker (servers from ``local_services.py``), with the same
+component commands docker-compose runs.
 
 ``LocalAirflow(home)`` builds the environment (DAGs and plugins of this repo, the lake, a
 ``spark_default`` connection to ``local[2]``, a ``gpu`` pool, simple-auth user ``admin``), migrates
 the metadata database once, starts the components as child processes and talks to the REST API
-(``/api/v2``, JWT from ``/auth/token``). Only standard-library imports: it drives the ``airflow``
-CLI, it does not import Airflow.
+(``/api/v2``, JWT from ``/auth/token``). It drives the ``airflow`` CLI, it does not import Airflow.
 """
 
 from __future__ import annotations
@@ -111,6 +115,29 @@ def _descendants(roots: list[int]) -> set[int]:
     return found
 
 
+def component_command(name: str, port: int = 8080) -> list[str]:
+    """The command line of one Airflow component, here and in docker-compose."""
+    return {
+        "api-server": ["airflow", "api-server", "--port", str(port)],
+        "scheduler": ["airflow", "scheduler"],
+        "dag-processor": ["airflow", "dag-processor"],
+        "triggerer": ["airflow", "triggerer"],
+        "celery-worker": ["airflow", "celery", "worker"],
+    }[name]
+
+
+def celery_environment(database_url: str, broker_url: str, concurrency: int) -> dict[str, str]:
+    """Airflow on PostgreSQL with the Celery executor: what the ``celery`` profile and docker-compose set."""
+    return {
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database_url,
+        "AIRFLOW__CELERY__BROKER_URL": broker_url,
+        # Celery keeps task results in the metadata database (its SQLAlchemy URL names no driver)
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url.replace("+psycopg2", "", 1),
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(concurrency),
+    }
+
+
 class LocalAirflow:
     def __init__(
         self,
@@ -120,7 +147,10 @@ class LocalAirflow:
         parallelism: int = 2,
         extra_env: dict[str, str] | None = None,
         password: str | None = None,
+        celery: tuple[str, str] | None = None,
     ):
+        """``celery``: (database URL, broker URL) for the distributed profile; SQLite and the
+        LocalExecutor without it."""
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -166,6 +196,7 @@ class LocalAirflow:
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
+            **(celery_environment(*celery, concurrency=parallelism) if celery else {}),
             **(extra_env or {}),
         }
 
@@ -180,10 +211,11 @@ class LocalAirflow:
 
     def init(self) -> None:
         """Migrate the metadata database (once per home) and create the gpu pool."""
-        stamp = self.home / ".migrated"
-        if not stamp.exists():
+        stamp = self.home / ".migrated"  # which database was migrated (a fresh server's is empty again)
+        database = self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+        if not stamp.exists() or stamp.read_text() != database:
             self.airflow("db", "migrate")
-            stamp.touch()
+            write_secret(stamp, database)
         config_dir = self.home / "config"
         config_dir.mkdir(exist_ok=True)
         (config_dir / "airflow_local_settings.py").write_text(SQLITE_LOCAL_SETTINGS)
@@ -196,16 +228,12 @@ class LocalAirflow:
         for name in components:
             if name in self.procs:
                 continue
-            args = {
-                "api-server": ["api-server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-                "scheduler": ["scheduler"],
-                "dag-processor": ["dag-processor"],
-                "triggerer": ["triggerer"],
-            }[name]
+            argv = component_command(name, self.port)
+            if name == "api-server":
+                argv += ["--host", "127.0.0.1", "--workers", "1"]
             log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
             self.procs[name] = subprocess.Popen(
-                ["airflow", *args], env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                argv, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
 
     def stop(self) -> None:
@@ -323,6 +351,38 @@ class LocalAirflow:
         assert status == 200, body
         return body["task_instances"]
 
+    def backfill(self, dag_id: str, *args: str) -> int:
+        """``airflow backfill create --dag-id <dag_id> <args>`` as a user types it, while the scheduler
+        runs; returns the new backfill's id."""
+        before = {b["id"] for b in self.backfills(dag_id)}
+        self.airflow("backfill", "create", "--dag-id", dag_id, *args)
+        created = [b for b in self.backfills(dag_id) if b["id"] not in before]
+        if len(created) != 1:
+            raise RuntimeError(f"expected one new backfill, found {created}")
+        return created[0]["id"]
+
+    def backfills(self, dag_id: str) -> list[dict]:
+        status, body = self.api("GET", f"/backfills?dag_id={dag_id}&limit=100")
+        if status != 200:
+            raise RuntimeError(f"GET /backfills answered {status}: {body}")
+        return body["backfills"]
+
+    def wait_for_backfill(self, dag_id: str, backfill_id: int, timeout: float) -> list[dict]:
+        """Wait until the scheduler marks the backfill completed and every run of the DAG is
+        finished; return the DAG's runs."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            status, body = self.api("GET", f"/backfills/{backfill_id}")
+            if status != 200:
+                raise RuntimeError(f"GET /backfills/{backfill_id} answered {status}: {body}")
+            runs = self.dag_runs(dag_id)
+            if body["completed_at"] and all(r["state"] in ("success", "failed") for r in runs):
+                return runs
+            time.sleep(3)
+        runs = [(r["dag_run_id"], r["state"]) for r in self.dag_runs(dag_id)]
+        raise TimeoutError(f"backfill {backfill_id} not done in {timeout}s: {runs}\n{self.log_tail('scheduler')}")
+
     def wait_for_runs(self, dag_id: str, count: int, timeout: float) -> list[dict]:
         """Wait until ``count`` runs exist and all are finished; return them."""
         deadline = time.monotonic() + timeout
@@ -344,20 +404,29 @@ def main() -> int:
     parser.add_argument("--home", default=str(REPO / ".airflow"))
     parser.add_argument("--lake", default=os.environ.get("FRAUD_LAKE_URI") or (REPO / ".lake").as_uri())
     parser.add_argument("--port", type=int, default=int(os.environ.get("FRAUD_AIRFLOW_PORT", "8080")))
+    parser.add_argument("--profile", choices=("embedded", "celery"), default="embedded",
+                        help="embedded: SQLite and the LocalExecutor; celery: PostgreSQL, Redis and a Celery worker")
     args = parser.parse_args()
-    password_file = Path(args.home) / "admin.password"
+    home = Path(args.home) if args.profile == "embedded" else Path(f"{args.home}-{args.profile}")
+    password_file = home / "admin.password"
     password = password_file.read_text().strip() if password_file.exists() else secrets.token_urlsafe(12)
-    Path(args.home).mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
     write_secret(password_file, password)
-    af = LocalAirflow(Path(args.home), args.lake, port=args.port, password=password)
-    af.init()
-    af.start("api-server", "dag-processor", "scheduler", "triggerer")
+    services, celery = [], None
+    if args.profile == "celery":
+        from local_services import Postgres, Redis
+
+        services = [Postgres(home / "postgres").start(), Redis(home / "redis").start()]
+        celery = (services[0].sqlalchemy_url, services[1].url)
+    af = LocalAirflow(home, args.lake, port=args.port, password=password, celery=celery)
     try:
+        af.init()
+        af.start("api-server", "dag-processor", "scheduler", "triggerer", *(["celery-worker"] if celery else []))
         af.wait_ready()
         af.wait_for_dag("fraud_nightly")
-        print(f"\nAirflow is up: {af.url}  (user {ADMIN_USER}; the password is in {password_file})")
+        print(f"\nAirflow ({args.profile}) is up: {af.url}  (user {ADMIN_USER}; the password is in {password_file})")
         print(f"DAG fraud_nightly: {af.url}/dags/fraud_nightly   lake: {args.lake}")
-        print(f"logs: {args.home}/*.log   stop with Ctrl-C")
+        print(f"logs: {home}/*.log   stop with Ctrl-C")
         while True:
             af._check_alive()
             time.sleep(5)
@@ -365,6 +434,8 @@ def main() -> int:
         pass
     finally:
         af.stop()
+        for service in reversed(services):
+            service.stop()
     return 0
 
 

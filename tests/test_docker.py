@@ -1,20 +1,51 @@
-"""Static checks of the Dockerfile and docker-compose.yaml (no Docker engine needed)."""
+"""Static checks of the Dockerfile and docker-compose.yaml (no Docker engine here): pinned bases, unprivileged
+users, secrets without defaults, and the compose services running the commands and settings the tests run."""
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "deploy"))
+
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "AIRFLOW_SECRET_KEY", "AIRFLOW_FERNET_KEY", "AIRFLOW_ADMIN_USER",
+           "AIRFLOW_ADMIN_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+AIRFLOW_SERVICES = {"airflow-api-server": "api-server", "airflow-scheduler": "scheduler",
+                    "airflow-dag-processor": "dag-processor", "airflow-triggerer": "triggerer",
+                    "airflow-worker": "celery-worker"}
+OWN_IMAGES = ("${FRAUD_IMAGE:-fraud-nightly:latest}", "${FRAUD_TRAINER_IMAGE:-fraud-trainer:latest}")
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's variable substitution: ``${X}``, ``${X:-default}``, ``${X:?error}`` and ``$$``."""
+    def value(match: re.Match) -> str:
+        name, kind, rest = match.group(1), match.group(2), match.group(3)
+        if env.get(name):
+            return env[name]
+        if kind == ":?":
+            raise KeyError(f"{name}: {rest}")
+        return rest if kind == ":-" else ""
+
+    text = re.sub(r"(?<!\$)\$\{(\w+)(?:(:[?-])([^}]*))?\}", value, text)
+    return text.replace("$$", "$")
 
 
 @pytest.fixture(scope="module")
-def compose() -> dict:
-    return yaml.safe_load((REPO / "docker-compose.yaml").read_text())
+def raw() -> str:
+    return (REPO / "docker-compose.yaml").read_text()
+
+
+@pytest.fixture(scope="module")
+def compose(raw) -> dict:
+    """The file as compose reads it with every secret set (and a recognisable value for each)."""
+    return yaml.safe_load(interpolate(raw, {name: f"<{name}>" for name in SECRETS}))
 
 
 @pytest.fixture(scope="module")
@@ -24,77 +55,56 @@ def dockerfile() -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
 
 
-def test_dockerfile_instructions(dockerfile):
-    instructions = [i for i, _ in dockerfile]
-    args = dict(dockerfile)
-    assert instructions[0] == "FROM" and args["FROM"] == "python:3.11-slim"
-    runs = " ".join(a for i, a in dockerfile if i == "RUN")
+def _stages(dockerfile) -> dict[str, list[tuple[str, str]]]:
+    stages, name = {}, None
+    for instruction, args in dockerfile:
+        if instruction == "FROM":
+            name = args.split(" AS ")[-1].strip() if " AS " in args else args
+            stages[name] = []
+        elif name is not None:
+            stages[name].append((instruction, args))
+    return stages
+
+
+def test_the_images_build_from_one_pinned_base(dockerfile):
+    [base] = [a.split("=", 1)[1] for i, a in dockerfile if i == "ARG" and a.startswith("PYTHON_IMAGE=")]
+    assert base.startswith("python:3.11-slim-bookworm@") and DIGEST.search(base), base  # bookworm: OpenJDK 17
+    froms = [a for i, a in dockerfile if i == "FROM"]
+    assert all(f.startswith(("${PYTHON_IMAGE}", "base ")) for f in froms), froms
+    assert set(_stages(dockerfile)) == {"spark-jars", "base", "airflow", "trainer"}
+
+
+def test_the_airflow_image(dockerfile):
+    stage = _stages(dockerfile)["airflow"]
+    runs = " ".join(a for i, a in stage if i == "RUN")
     assert "openjdk-17-jre-headless" in runs
-    assert re.search(r"torch==\$\{TORCH_VERSION\}.*--index-url.*download\.pytorch\.org/whl/\$\{TORCH_INDEX\}", runs)
+    assert re.search(r"torch==\$\{TORCH_VERSION\}.*--index-url https://download\.pytorch\.org/whl/cpu", runs)
     assert "-r requirements.txt -c constraints.txt" in runs
-    copied = {a.split()[0] for i, a in dockerfile if i == "COPY"}
-    assert {"jobs", "dags", "plugins", "requirements.txt"} <= copied
-    assert any(i == "ENTRYPOINT" for i in instructions) and any(i == "USER" for i in instructions)
+    copied = {a.split()[0] for i, a in stage if i == "COPY"}
+    assert {"jobs", "dags", "plugins", "deploy", "requirements.txt"} <= copied
+    assert ("USER", "airflow") in stage
     env = " ".join(a for i, a in dockerfile if i == "ENV")
     assert "AIRFLOW__CORE__DAGS_FOLDER=/opt/fraud/dags" in env and "PYTHONPATH=/opt/fraud" in env
+
+
+def test_the_trainer_image_is_cuda_torch_and_runs_unprivileged(dockerfile):
+    stage = _stages(dockerfile)["trainer"]
+    args = dict((a.split("=", 1)[0], a.split("=", 1)[1]) for i, a in stage if i == "ARG" and "=" in a)
+    assert args["TORCH_INDEX"].startswith("cu")
+    runs = " ".join(a for i, a in stage if i == "RUN")
+    assert re.search(r"torch==\$\{TORCH_VERSION\}.*whl/\$\{TORCH_INDEX\}", runs)
+    assert "-r requirements.txt -c constraints.txt" in runs
+    assert ("USER", "airflow") in stage
+    base = " ".join(a for i, a in _stages(dockerfile)["base"] if i == "RUN")
+    assert "useradd --uid" in base and ("ENTRYPOINT", '["/usr/bin/tini", "--"]') in _stages(dockerfile)["base"]
 
 
 def test_dockerfile_pins_match_requirements():
     text = (REPO / "Dockerfile").read_text()
     torch_pin = re.search(r"^torch==(\S+)", (REPO / "requirements.txt").read_text(), re.M).group(1)
-    assert f"ARG TORCH_VERSION={torch_pin}" in text
+    assert text.count(f"ARG TORCH_VERSION={torch_pin}") == 2
     for path in re.findall(r"^COPY (?!--from)(\S+)", text, re.M):
         assert (REPO / path).exists(), path
-
-
-def test_compose_services(compose):
-    services = compose["services"]
-    airflow = {"airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-init"}
-    assert airflow | {"postgres", "seaweedfs"} <= set(services)
-    commands = {name: services[name]["command"] for name in airflow - {"airflow-init"}}
-    assert commands["airflow-api-server"][:2] == ["airflow", "api-server"]
-    assert commands["airflow-scheduler"] == ["airflow", "scheduler"]
-    assert commands["airflow-dag-processor"] == ["airflow", "dag-processor"]
-    init = " ".join(services["airflow-init"]["command"])
-    assert "airflow db migrate" in init and "pools set gpu" in init
-    for name in airflow:
-        service = services[name]
-        assert service["image"] == "${FRAUD_IMAGE:-fraud-nightly:latest}"
-        env = service["environment"]
-        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql")
-        assert "@postgres/" in env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
-        assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"].startswith("http://airflow-api-server:8080")
-        assert env["FRAUD_S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
-    assert services["seaweedfs"]["image"].startswith("chrislusf/seaweedfs")
-    assert "-s3" in services["seaweedfs"]["command"]
-
-
-def test_compose_gpu_reservation_on_the_task_runner(compose):
-    scheduler = compose["services"]["airflow-scheduler"]
-    assert scheduler["environment"]["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
-    [device] = scheduler["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] >= 1
-
-
-def test_compose_volumes_are_declared_and_mounted_paths_exist(compose):
-    declared = set(compose["volumes"])
-    for name, service in compose["services"].items():
-        for volume in service.get("volumes", []):
-            source, target = volume.split(":")[:2]
-            if source.startswith("./"):
-                assert (REPO / source).exists(), (name, source)
-            else:
-                assert source in declared, (name, source)
-            assert target.startswith("/")
-    airflow_targets = {v.split(":")[1] for v in compose["services"]["airflow-scheduler"]["volumes"]}
-    assert {"/opt/fraud/dags", "/opt/fraud/plugins", "/opt/fraud/jobs", "/data/lake"} <= airflow_targets
-
-
-def test_ports_bound_to_localhost(compose):
-    for service in compose["services"].values():
-        for port in service.get("ports", []):
-            assert port.startswith("127.0.0.1:"), port
-
 
 
 def test_the_image_fetches_the_spark_jars_from_the_list_make_venv_uses(dockerfile):
@@ -108,10 +118,68 @@ def test_the_image_fetches_the_spark_jars_from_the_list_make_venv_uses(dockerfil
     assert "-f deploy/spark-jars/pom.xml dependency:copy-dependencies" in makefile
 
 
-def test_compose_spark_cluster_runs_the_commands_the_tests_run(compose):
-    import sys
+def test_compose_refuses_to_start_without_every_secret(raw):
+    for name in SECRETS:
+        others = {n: "x" for n in SECRETS if n != name}
+        with pytest.raises(KeyError, match=name):
+            interpolate(raw, others)
+        assert not re.search(rf"\$\{{{name}:-", raw), f"{name} has a default"
 
-    sys.path.insert(0, str(REPO / "deploy"))
+
+def test_compose_images_are_pinned_and_users_unprivileged(compose):
+    for name, service in compose["services"].items():
+        image = service["image"]
+        assert image in ("fraud-nightly:latest", "fraud-trainer:latest") or DIGEST.search(image), (name, image)
+        user = str(service.get("user", ""))
+        assert user and user.split(":")[0] not in ("0", "root"), (name, user)
+
+
+def test_compose_airflow_runs_what_the_celery_profile_runs(compose):
+    from local_airflow import celery_environment, component_command
+
+    services = compose["services"]
+    for service, component in AIRFLOW_SERVICES.items():
+        assert services[service]["command"] == component_command(component, 8080), service
+    for name in [*AIRFLOW_SERVICES, "airflow-init", "airflow-worker-gpu"]:
+        env = services[name]["environment"]
+        expected = celery_environment(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"], env["AIRFLOW__CELERY__BROKER_URL"],
+                                      int(env["AIRFLOW__CELERY__WORKER_CONCURRENCY"]))
+        assert {k: env[k] for k in expected} == expected, name
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == "postgresql+psycopg2://airflow:<POSTGRES_PASSWORD>@postgres/airflow"
+        assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://:<REDIS_PASSWORD>@redis:6379/0"
+        assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"].startswith("http://airflow-api-server:8080")
+    init = " ".join(services["airflow-init"]["command"])
+    assert "airflow db migrate" in init and "pools set gpu" in init and "deploy/ensure_bucket.py" in init
+    assert (REPO / "deploy" / "ensure_bucket.py").exists()
+
+
+def test_compose_store_keys_reach_airflow_only_as_a_connection(compose):
+    services = compose["services"]
+    for name in [*AIRFLOW_SERVICES, "airflow-init", "airflow-worker-gpu", "spark-master", "spark-worker"]:
+        env = services[name].get("environment") or {}
+        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env), name
+        assert "<AWS_SECRET_ACCESS_KEY>" not in json.dumps(services[name].get("command")), name
+    connection = json.loads(services["airflow-scheduler"]["environment"]["AIRFLOW_CONN_AWS_DEFAULT"])
+    assert connection["conn_type"] == "aws"
+    assert (connection["login"], connection["password"]) == ("<AWS_ACCESS_KEY_ID>", "<AWS_SECRET_ACCESS_KEY>")
+    assert connection["extra"]["endpoint_url"] == "http://seaweedfs:8333"
+    assert services["airflow-scheduler"]["environment"]["FRAUD_LAKE_URI"].startswith("s3://")
+    spark = json.loads(services["airflow-scheduler"]["environment"]["AIRFLOW_CONN_SPARK_DEFAULT"])
+    assert (spark["host"], spark["port"]) == ("spark://spark-master", 7077)
+
+
+def test_compose_seaweedfs_runs_the_tests_server_command(compose):
+    from local_services import weed_mini_command
+
+    service = compose["services"]["seaweedfs"]
+    flags = dict(re.match(r"-([\w.]+)=(.*)", a).groups() for a in service["command"][2:] if "=" in a)
+    ports = {name: int(flags[f"{name}.port"]) for name in ("s3", "master", "filer", "volume", "webdav", "admin")}
+    assert service["command"] == weed_mini_command("weed", "/data", ports, ip="seaweedfs", bind="0.0.0.0")
+    assert ports["s3"] == 8333
+    assert set(service["environment"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+def test_compose_spark_cluster_runs_the_commands_the_tests_run(compose):
     from spark_standalone import master_command, worker_command
 
     services = compose["services"]
@@ -119,7 +187,24 @@ def test_compose_spark_cluster_runs_the_commands_the_tests_run(compose):
     assert services["spark-worker"]["command"][1:] == worker_command("spark://spark-master:7077", "0.0.0.0", 2, "2g",
                                                                      "/tmp/spark-work", 8081)[1:]
     assert all(services[s]["command"][0] == "spark-class" for s in ("spark-master", "spark-worker"))
-    conn = json.loads(services["airflow-scheduler"]["environment"]["AIRFLOW_CONN_SPARK_DEFAULT"])
-    assert (conn["host"], conn["port"]) == ("spark://spark-master", 7077)
-    worker_env = services["spark-worker"]["environment"]
-    assert worker_env["AWS_SECRET_ACCESS_KEY"].startswith("${AWS_SECRET_ACCESS_KEY:?")  # no default secret
+
+
+def test_compose_gpu_worker_behind_the_gpu_profile(compose):
+    services = compose["services"]
+    gpu = services["airflow-worker-gpu"]
+    assert gpu["profiles"] == ["gpu"] and gpu["image"] == "fraud-trainer:latest"
+    assert gpu["command"] == ["airflow", "celery", "worker", "--queues", "gpu"]
+    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] >= 1
+    assert all("profiles" not in s for n, s in services.items() if n != "airflow-worker-gpu")  # the rest always runs
+    assert services["airflow-scheduler"]["environment"]["FRAUD_TORCH_QUEUE"] == "default"
+
+
+def test_compose_volumes_are_declared_and_ports_bound_to_localhost(compose):
+    declared = set(compose["volumes"])
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            assert source in declared and target.startswith("/"), (name, volume)
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), (name, port)

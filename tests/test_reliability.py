@@ -298,7 +298,7 @@ def test_the_gate_counts_the_published_rows_not_what_the_job_said(lake: Lake, mo
     lake.write_table(Dataset.CLEAN, D, pa.table({"a": pa.array([], pa.int64())}),
                      stats={"rows_in": 100, "clean": 100, "quarantined_total": 0})
     with pytest.raises(DataQualityError) as failed:
-        check_day(lake.uri, D, limits)
+        check_day(lake, D, limits)
     assert "no clean rows" in str(failed.value) and "the manifest holds 0 rows, the job reported 100" in str(failed.value)
 
 

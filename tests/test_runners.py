@@ -29,7 +29,7 @@ def _cfg(monkeypatch, runner: str, **env):
 def _score(cfg, **kwargs):
     from fraud_ops.runners import torch_task
 
-    return torch_task("score", "score", ARGS, cfg, skip_on_exit_code=99, **kwargs)
+    return torch_task("score", "score", ARGS, cfg, lake="s3://bucket/lake", skip_on_exit_code=99, **kwargs)
 
 
 def test_local_runner(monkeypatch):
@@ -61,6 +61,111 @@ def test_docker_runner(monkeypatch):
 def test_docker_runner_without_gpu(monkeypatch):
     op = _score(_cfg(monkeypatch, "docker", FRAUD_GPU_COUNT="0"))
     assert op.device_requests is None
+
+
+STORE_CONNECTION = {"conn_type": "aws", "login": "AKIA-FROM-CONNECTION", "password": "secret-from-connection-4711",
+                    "extra": {"endpoint_url": "http://store.example:8333", "region_name": "eu-west-3"}}
+STORE_ENV = {"FRAUD_S3_ENDPOINT_URL": "http://store.example:8333", "AWS_REGION": "eu-west-3",
+             "AWS_ACCESS_KEY_ID": "AKIA-FROM-CONNECTION", "AWS_SECRET_ACCESS_KEY": "secret-from-connection-4711"}
+
+
+def _connection(monkeypatch, conn_id: str = "aws_default") -> None:
+    import json
+
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(STORE_CONNECTION))
+
+
+def test_the_store_comes_from_the_aws_connection(monkeypatch):
+    from fraud_ops.store import store_environment, store_settings
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "worker-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "worker-secret")
+    monkeypatch.setenv("FRAUD_S3_ENDPOINT_URL", "http://worker.example:1")
+    assert store_settings("file:///data/lake") is None  # a directory lake reads no Connection
+    without = store_settings("s3://bucket/lake")  # no Connection: the worker's own environment
+    assert (without.access_key, without.secret_key, without.endpoint_url) == ("worker-key", "worker-secret",
+                                                                             "http://worker.example:1")
+    _connection(monkeypatch)
+    assert store_environment("s3://bucket/lake") == STORE_ENV
+    monkeypatch.setenv("FRAUD_AWS_CONN_ID", "lake_store")
+    _connection(monkeypatch, "lake_store")
+    monkeypatch.delenv("AIRFLOW_CONN_AWS_DEFAULT")
+    assert store_environment("s3://bucket/lake") == STORE_ENV
+
+
+def test_the_local_process_gets_the_store_in_its_environment(monkeypatch, tmp_path):
+    import json
+    from unittest import mock
+
+    from fraud_ops.runners import LocalProcessOperator
+
+    _connection(monkeypatch)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    seen = tmp_path / "env.json"
+    op = LocalProcessOperator(
+        task_id="p", lake="s3://bucket/lake",
+        command=["python", "-c", f"import json, os; json.dump(dict(os.environ), open({str(seen)!r}, 'w'))"])
+    op.execute({"ti": mock.MagicMock()})
+    env = json.loads(seen.read_text())
+    assert {k: env.get(k) for k in STORE_ENV} == STORE_ENV
+    assert not any(k.startswith("AIRFLOW_CONN_") for k in env)  # the Connection itself stays with Airflow
+    assert "secret-from-connection" not in json.dumps(op.command)
+
+
+def test_the_container_gets_the_store_privately(monkeypatch):
+    from airflow.providers.docker.operators.docker import DockerOperator
+
+    _connection(monkeypatch)
+    op = _score(_cfg(monkeypatch, "docker"))
+    assert "AWS_SECRET_ACCESS_KEY" not in op.environment and "lake" in op.template_fields
+    handed = {}
+    monkeypatch.setattr(DockerOperator, "execute", lambda self, context: handed.update(self._private_environment))
+    op.execute({})
+    assert handed == STORE_ENV
+    assert not {"_private_environment", "private_environment"} & set(op.template_fields)
+
+
+class _SecretsApi:
+    """The two calls of Kubernetes' CoreV1Api that write a Secret, answering as a cluster does."""
+
+    def __init__(self):
+        self.secrets: dict[tuple[str, str], dict] = {}
+
+    def replace_namespaced_secret(self, name, namespace, body):
+        from kubernetes.client.rest import ApiException
+
+        if (namespace, name) not in self.secrets:
+            raise ApiException(status=404)
+        self.secrets[namespace, name] = body.string_data
+
+    def create_namespaced_secret(self, namespace, body):
+        self.secrets[namespace, body.metadata.name] = body.string_data
+
+
+def test_the_pod_reads_the_store_from_a_secret_the_task_writes(monkeypatch):
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    _connection(monkeypatch)
+    op = _score(_cfg(monkeypatch, "kubernetes", FRAUD_K8S_NAMESPACE="fraud"))
+    assert op.env_from == []  # nothing the cluster provides: the task writes the Secret
+    api = _SecretsApi()
+    op.__dict__["client"] = api
+    pods = []
+    monkeypatch.setattr(KubernetesPodOperator, "execute", lambda self, context: pods.append(self.build_pod_request_obj(dry_run=True)))
+    op.execute({})
+    assert api.secrets == {("fraud", "fraud-store-aws-default"): STORE_ENV}
+    [pod] = pods
+    [container] = pod.spec.containers
+    assert [e.secret_ref.name for e in container.env_from] == ["fraud-store-aws-default"]
+    assert "secret-from-connection" not in str(pod.to_dict())  # the values are in the Secret only
+    STORE_CONNECTION["password"] = "rotated-secret-0815"
+    try:
+        _connection(monkeypatch)
+        op.env_from = []
+        op.execute({})  # a rotated key updates the Secret
+    finally:
+        STORE_CONNECTION["password"] = "secret-from-connection-4711"
+    assert api.secrets["fraud", "fraud-store-aws-default"]["AWS_SECRET_ACCESS_KEY"] == "rotated-secret-0815"
 
 
 def test_kubernetes_runner(monkeypatch):
@@ -170,9 +275,9 @@ def test_gate_on_a_lake(lake, monkeypatch):
     lake.write_table(Dataset.QUARANTINE, "2018-04-04", pa.table({"x": list(range(80))}))
     lake.write_table(Dataset.CLEAN, "2018-04-04", pa.table({"x": list(range(20))}),
                      stats={"rows_in": 100, "clean": 20, "quarantined_total": 80})
-    assert check_day(lake.uri, "2018-04-03", gate_thresholds())["passed"]
+    assert check_day(lake, "2018-04-03", gate_thresholds())["passed"]
     with pytest.raises(DataQualityError, match="quarantine share 80.00%"):
-        check_day(lake.uri, "2018-04-04", gate_thresholds())
+        check_day(lake, "2018-04-04", gate_thresholds())
     assert len(lake.list_files(lake.path("_runs", "quality_gate"))) == 2
 
 

@@ -8,6 +8,7 @@ days named, run again later); 99 no champion model yet (scoring skipped, with th
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -24,6 +25,24 @@ EXIT_NO_CHAMPION = 99
 
 class Waiting(RuntimeError):
     """An input is not published yet (or an earlier decision is missing): retry later."""
+
+
+RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt): ")
+
+
+def error_summary(error: BaseException | str) -> str:
+    """The one line that says what went wrong. An error raised inside a Spark task reaches the driver
+    wrapped ("An exception was thrown from the Python worker:", then the worker's traceback): there
+    the line that names it is the traceback's last ``SomeError: ...`` line."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__ if isinstance(error, BaseException) else "unknown error"
+    lines = text.splitlines()
+    if "Traceback (most recent call last)" in text:
+        raised = [line.strip() for line in lines if RAISED.match(line.strip())]
+        if raised:
+            return raised[-1]
+    return lines[0]
 
 
 def day_parser(prog: str, description: str, ranges: bool = True) -> argparse.ArgumentParser:
@@ -61,11 +80,14 @@ def not_done(step: str, days: Sequence[date], error: BaseException | str, failed
     With ``lake``, the day it failed on gets a run record saying why (the report of that day shows it).
     """
     where = f" on {failed_on}" if failed_on else ""
-    print(f"{step}: failed{where}: {error}" if code == EXIT_FAILED else f"{step}: {error}", file=sys.stderr)
+    summary = error_summary(error)
+    print(f"{step}: failed{where}: {summary}" if code == EXIT_FAILED else f"{step}: {summary}", file=sys.stderr)
+    if summary != str(error).strip():
+        print(str(error).strip(), file=sys.stderr)  # the whole of it, for the log
     print(f"{step}: days not done: {format_days(days)}", file=sys.stderr)
     if lake is not None and days:
         status = "failed" if code == EXIT_FAILED else "waiting"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = summary
         try:
             lake.write_run_record(step, failed_on or days[0], uuid.uuid4().hex[:16],
                                   {"date": (failed_on or days[0]).isoformat(), "status": status, "reason": reason})

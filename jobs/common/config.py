@@ -84,6 +84,17 @@ def default_lake_uri() -> str:
     return (REPO_ROOT / ".lake").as_uri()
 
 
+def s3_environment(s3: S3Settings) -> dict[str, str]:
+    """The environment variables that make :func:`settings` in another process see the store ``s3``
+    (how a task hands the store it resolved to a step's process, never through its command line)."""
+    values = {"FRAUD_S3_ENDPOINT_URL": s3.endpoint_url, "AWS_REGION": s3.region, "AWS_ACCESS_KEY_ID": s3.access_key,
+              "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_SESSION_TOKEN": s3.session_token}
+    return {name: value for name, value in values.items() if value}
+
+
+S3_SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
 def settings() -> Settings:
     """Read the environment now (tests change it between calls, so nothing is cached)."""
     return Settings(

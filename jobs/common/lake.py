@@ -323,6 +323,19 @@ class Lake:
                 if attempt == 2:
                     raise
 
+    def discard(self, attempts: Iterable[Attempt]) -> None:
+        """Remove the attempts of a write that failed, as far as the store lets it. The write's own
+        error is the one to report: an attempt left behind (the store went away meanwhile) is named
+        by no manifest, so no reader sees it, and the partition's next publish collects it."""
+        for attempt in attempts:
+            try:
+                self.delete_dir(attempt.path)
+            except OSError as exc:
+                from jobs.common.cli import error_summary
+
+                log.warning("left the unpublished attempt %s for garbage collection: %s", attempt.path,
+                            error_summary(exc))
+
     # --- landing (written by the source) -------------------------------------------------------
     # ``dataset`` is landing/transactions (the default) or landing/labels; both follow the same rules.
     def landing_ready(self, day: date, dataset: str = Dataset.LANDING) -> bool:

@@ -50,7 +50,7 @@ from pyspark.sql import Column, DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from jobs.common.cli import EXIT_OK, day_parser, not_done, parse_days
+from jobs.common.cli import EXIT_OK, day_parser, error_summary, not_done, parse_days
 from jobs.common.config import settings
 from jobs.common.lake import Attempt, Dataset, Lake
 from jobs.common.provenance import lineage
@@ -75,7 +75,6 @@ from jobs.spark.landing import (
     LandingDay,
     Source,
     days_label,
-    first_line,
     inspect_landing,
     is_blank,
     is_unparsed,
@@ -252,7 +251,7 @@ def clean_batch(spark: SparkSession, lake: Lake, days: Sequence[LandingDay]) -> 
         except CleanError:
             raise
         except Exception as exc:
-            raise CleanError(f"cleaning landing of {days_label(days)} failed: {first_line(exc)}") from exc
+            raise CleanError(f"cleaning landing of {days_label(days)} failed: {error_summary(exc)}") from exc
         for dataset in (Dataset.QUARANTINE, Dataset.CLEAN):
             attempts[dataset] = {landing.day: lake.new_attempt(dataset, landing.day) for landing in days}
         files = {
@@ -262,9 +261,7 @@ def clean_batch(spark: SparkSession, lake: Lake, days: Sequence[LandingDay]) -> 
                                             CLEAN_SCHEMA),
         }
     except Exception:
-        for by_day in attempts.values():
-            for attempt in by_day.values():
-                lake.delete_dir(attempt.path)
+        lake.discard(a for by_day in attempts.values() for a in by_day.values())
         raise
     finally:
         resolved.unpersist()
@@ -318,7 +315,7 @@ def _batch_or_each(spark: SparkSession, lake: Lake, days: list, batch) -> tuple[
         if len(days) == 1:
             return 0, exc
         print(
-            f"clean: cleaning {days_label(days)} together failed ({first_line(exc)}); cleaning day by day",
+            f"clean: cleaning {days_label(days)} together failed ({error_summary(exc)}); cleaning day by day",
             file=sys.stderr,
         )
     for i, landing in enumerate(days):

@@ -28,6 +28,7 @@ from pyspark.sql import Column, DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 
 from jobs.common.calendar import Calendar, calendar, format_days
+from jobs.common.cli import error_summary
 from jobs.common.lake import Attempt, Dataset, Lake, NotPublished
 from jobs.common.provenance import InputRecorder, lineage
 from jobs.common.schema import (
@@ -50,7 +51,6 @@ from jobs.spark.landing import (
     LandingDay,
     Source,
     days_label,
-    first_line,
     inspect_landing,
     is_blank,
     is_unparsed,
@@ -193,7 +193,7 @@ def label_batch(spark: SparkSession, lake: Lake, days: Sequence[LandingDay]) -> 
             counts = resolved.groupBy(DAY, OUTCOME, REASON).count().collect()
             named = resolved.filter(F.col(TX_DAY).isNotNull()).select(DAY, TX_DAY).distinct().collect()
         except Exception as exc:
-            raise CleanError(f"cleaning label events of {days_label(days)} failed: {first_line(exc)}") from exc
+            raise CleanError(f"cleaning label events of {days_label(days)} failed: {error_summary(exc)}") from exc
         by_day: dict[date, list[Row]] = {d.day: [] for d in days}
         for row in counts:
             by_day[row[DAY]].append(row)
@@ -208,9 +208,7 @@ def label_batch(spark: SparkSession, lake: Lake, days: Sequence[LandingDay]) -> 
                                                    EVENT_ORDER, LABEL_EVENT_SCHEMA),
         }
     except Exception:
-        for by_dataset in attempts.values():
-            for attempt in by_dataset.values():
-                lake.delete_dir(attempt.path)
+        lake.discard(a for by_dataset in attempts.values() for a in by_dataset.values())
         raise
     finally:
         resolved.unpersist()

@@ -29,6 +29,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from jobs.common.calendar import epoch_day, from_epoch_day
+from jobs.common.cli import error_summary
 from jobs.common.lake import Attempt, Lake
 from jobs.common.provenance import input_record
 from jobs.spark import day_files
@@ -117,7 +118,7 @@ def inspect_landing(lake: Lake, day: date, source: Source) -> LandingDay:
             try:
                 schema = pq.ParquetFile(info.path, filesystem=lake.fs).schema_arrow
             except Exception as exc:
-                raise CleanError(f"cannot read Parquet file {uri}: {first_line(exc)}") from exc
+                raise CleanError(f"cannot read Parquet file {uri}: {error_summary(exc)}") from exc
             names = tuple(schema.names)
             layout = tuple(f"{f.name}:{f.type}" for f in schema)
         if names:
@@ -172,7 +173,7 @@ def _read_group(spark: SparkSession, members: list[tuple[date, LandingFile]], so
         try:
             frame = spark.read.parquet(*paths)
         except Exception as exc:
-            raise CleanError(f"cannot read Parquet file {first.uri}: {first_line(exc)}") from exc
+            raise CleanError(f"cannot read Parquet file {first.uri}: {error_summary(exc)}") from exc
         types = dict(zip(first.names, (kind.split(":", 1)[1] for kind in first.layout), strict=True))
         values = {name: _parquet_value(name, types[name]) for name in first.names}
         ragged = F.lit(False)
@@ -249,11 +250,6 @@ def _match_columns(names: Sequence[str], uri: str, source: Source) -> dict[str, 
         elif column in source.required:
             raise CleanError(f"required column {column} is missing from {uri} (columns: {', '.join(names)})")
     return matched
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- typing -------------------------------------------------------------------------------------
@@ -356,11 +352,12 @@ def publish_days(
                       "stats": stats[day]}
             lake.write_run_record(step, day, attempts[datasets[-1]][day].attempt_id, record)
         except Exception as exc:  # noqa: BLE001 - the caller names the days not done
-            for later in days[i:]:
-                for dataset in datasets:
-                    attempt = attempts[dataset][later]
-                    if (lake.manifest(dataset, later) or {}).get("attempt") != attempt.attempt_id:
-                        lake.delete_dir(attempt.path)
+            try:
+                unpublished = [attempts[dataset][later] for later in days[i:] for dataset in datasets
+                               if (lake.manifest(dataset, later) or {}).get("attempt") != attempts[dataset][later].attempt_id]
+            except OSError:  # the store is gone: nothing can be removed now, the next publish collects them
+                unpublished = []
+            lake.discard(unpublished)
             return i, exc
         print(json.dumps({"step": step, "dataset": datasets[-1], "date": day.isoformat(), **stats[day]},
                          sort_keys=True), flush=True)

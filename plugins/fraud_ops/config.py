@@ -1,8 +1,8 @@
 """Orchestration settings: how Airflow runs the steps (the steps' own settings are in jobs.common.config).
 
 Read from the environment of the process that parses the DAG (scheduler / DAG processor) or runs
-the task (worker); every name has a documented default. Credentials are never read here: S3
-credentials reach containers from a Kubernetes secret or an Airflow Connection.
+the task (worker); every name has a documented default. Credentials are never read here: the
+store's come from the AWS Connection named by FRAUD_AWS_CONN_ID (``fraud_ops.store``).
 """
 
 from __future__ import annotations
@@ -29,12 +29,16 @@ ENV_DOC = {
     "FRAUD_TORCH_RUNNER": "how train/score run: local (a process on the worker), docker, kubernetes (default local)",
     "FRAUD_IMAGE": "image for the docker and kubernetes runners (default fraud-nightly:latest)",
     "FRAUD_GPU_POOL": "Airflow pool capping concurrent GPU tasks (default gpu)",
+    "FRAUD_TORCH_QUEUE": "executor queue of the torch tasks (default default; docker-compose's GPU worker takes gpu)",
     "FRAUD_GPU_COUNT": "GPUs requested per torch task by docker/kubernetes (default 1; 0 = CPU only)",
     "FRAUD_DOCKER_URL": "Docker daemon for the docker runner (default unix://var/run/docker.sock)",
     "FRAUD_DOCKER_NETWORK": "Docker network for the torch containers (default: the daemon's default)",
     "FRAUD_K8S_NAMESPACE": "namespace of the torch pods (default default)",
     "FRAUD_K8S_NODE_SELECTOR": 'JSON node selector of the torch pods (default {"nvidia.com/gpu.present": "true"})',
-    "FRAUD_K8S_SECRET": "Kubernetes secret whose keys become the pods' env, e.g. AWS credentials (default none)",
+    "FRAUD_K8S_SECRET": "Kubernetes secret the cluster provides for the pods' store credentials (default none: "
+                        "the task writes one from the AWS Connection)",
+    "FRAUD_AWS_CONN_ID": "AWS Connection of an s3:// lake: keys (login/password, a role or a profile), extra "
+                         "endpoint_url and region_name (default aws_default; absent: the worker's AWS environment)",
     "FRAUD_SPARK_CONN_ID": "Airflow connection of spark-submit (default spark_default)",
     "FRAUD_SPARK_CONF": "JSON dict of extra --conf for spark-submit (default {})",
     "FRAUD_CATCHUP": "true (default): nights missed while the scheduler was down run when it is back, oldest first, "
@@ -63,12 +67,14 @@ class Orchestration:
     torch_runner: str
     image: str
     gpu_pool: str
+    torch_queue: str
     gpu_count: int
     docker_url: str
     docker_network: str | None
     k8s_namespace: str
     k8s_node_selector: dict = field(hash=False)
     k8s_secret: str | None
+    aws_conn_id: str
     spark_conn_id: str
     spark_conf: dict = field(hash=False)
     catchup: bool
@@ -129,12 +135,14 @@ def orchestration() -> Orchestration:
         torch_runner=runner,
         image=_env("FRAUD_IMAGE", "fraud-nightly:latest"),
         gpu_pool=_env("FRAUD_GPU_POOL", "gpu"),
+        torch_queue=_env("FRAUD_TORCH_QUEUE", "default"),
         gpu_count=int(_env("FRAUD_GPU_COUNT", "1")),
         docker_url=_env("FRAUD_DOCKER_URL", "unix://var/run/docker.sock"),
         docker_network=os.environ.get("FRAUD_DOCKER_NETWORK") or None,
         k8s_namespace=_env("FRAUD_K8S_NAMESPACE", "default"),
         k8s_node_selector=json.loads(_env("FRAUD_K8S_NODE_SELECTOR", '{"nvidia.com/gpu.present": "true"}')),
         k8s_secret=os.environ.get("FRAUD_K8S_SECRET") or None,
+        aws_conn_id=_env("FRAUD_AWS_CONN_ID", "aws_default"),
         spark_conn_id=_env("FRAUD_SPARK_CONN_ID", "spark_default"),
         spark_conf=json.loads(_env("FRAUD_SPARK_CONF", "{}")),
         catchup=_flag("FRAUD_CATCHUP", "true"),

@@ -3,7 +3,8 @@ never Airflow's own secrets (the metadata database URL, the API and JWT secrets,
 
 A task process runs on a worker whose environment configures Airflow itself (``AIRFLOW__*``,
 ``AIRFLOW_CONN_*``). The steps (spark-submit, ``python -m jobs...``) need none of it: every
-variable of Airflow's is removed before a step starts.
+variable of Airflow's is removed before a step starts, and the lake's store settings, resolved by
+the task from its Connection (``fraud_ops.store``), are added.
 """
 
 from __future__ import annotations
@@ -23,11 +24,16 @@ def step_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 @contextmanager
-def without_airflow_secrets() -> Iterator[None]:
+def step_process_environment(extra: Mapping[str, str] | None = None) -> Iterator[None]:
     """For code that starts a process from this one's environment (the Spark provider's
-    spark-submit): Airflow's variables are out of ``os.environ`` meanwhile, then put back."""
-    removed = {k: os.environ.pop(k) for k in list(os.environ) if AIRFLOW_OWN.match(k)}
+    spark-submit): meanwhile Airflow's variables are out of ``os.environ`` and ``extra`` (the
+    store's settings) is in; afterwards ``os.environ`` is what it was."""
+    saved = dict(os.environ)
+    for name in [k for k in os.environ if AIRFLOW_OWN.match(k)]:
+        del os.environ[name]
+    os.environ.update(extra or {})
     try:
         yield
     finally:
-        os.environ.update(removed)
+        os.environ.clear()
+        os.environ.update(saved)

@@ -9,6 +9,11 @@ waits for it), so the verdict depends only on the data, not on which runs are in
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jobs.common.lake import Lake
+
 import statistics
 import uuid
 from datetime import date
@@ -57,12 +62,12 @@ def evaluate(stats: dict, trailing_clean_rows: list[int], limits: GateThresholds
     }
 
 
-def check_day(lake_uri: str, day: str | date, limits: GateThresholds) -> dict:
+def check_day(lake: Lake, day: str | date, limits: GateThresholds) -> dict:
     """Run the gate for day D of a lake; record the verdict as a run record; raise if it failed."""
     from jobs.common.calendar import calendar, parse_day
-    from jobs.common.lake import Dataset, Lake, NotPublished
+    from jobs.common.lake import Dataset, NotPublished
 
-    lake, day = Lake.from_uri(lake_uri), parse_day(day)
+    day = parse_day(day)
     manifest = lake.manifest(Dataset.CLEAN, day)
     if manifest is None:
         raise NotPublished(f"clean date={day} is not published in {lake.uri}")

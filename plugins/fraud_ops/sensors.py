@@ -22,16 +22,17 @@ def _day(value: str | date) -> date:
 class _LakeSensor(BaseSensorOperator):
     template_fields: Sequence[str] = ("lake", "day")
 
-    def __init__(self, *, lake: str, day: str, **kwargs) -> None:
+    def __init__(self, *, lake: str, day: str, aws_conn_id: str | None = None, **kwargs) -> None:
         kwargs.setdefault("mode", "reschedule")
         super().__init__(**kwargs)
         self.lake = lake
         self.day = day
+        self.aws_conn_id = aws_conn_id
 
     def _lake(self):
-        from jobs.common.lake import Lake
+        from fraud_ops.store import task_lake
 
-        return Lake.from_uri(self.lake)
+        return task_lake(self.lake, self.aws_conn_id)
 
 
 class LandingSensor(_LakeSensor):

@@ -2,21 +2,28 @@
 
 Master, deploy mode and resources come from the Airflow connection (``spark_default``) and
 ``FRAUD_SPARK_CONF``; the zip is built from the worker's checkout in ``execute``, so the same DAG
-submits to ``local[2]``, a standalone cluster, YARN or Kubernetes.
+submits to ``local[2]``, a standalone cluster, YARN or Kubernetes. The store's keys come from the
+AWS Connection (``fraud_ops.store``): the driver gets them in its environment, the executors from
+a private properties file, never from the command line.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
-from fraud_ops.environment import without_airflow_secrets
+from fraud_ops.environment import step_process_environment
+from fraud_ops.store import store_environment
+from jobs.common.config import S3_SECRET_VARIABLES
 
 
 def jobs_root() -> Path:
@@ -61,16 +68,48 @@ def private_dir() -> Path:
     return base
 
 
+def spark_defaults_file() -> Path:
+    """The ``spark-defaults.conf`` spark-submit reads when given no properties file."""
+    conf_dir = os.environ.get("SPARK_CONF_DIR")
+    if not conf_dir:
+        home = os.environ.get("SPARK_HOME") or importlib.util.find_spec("pyspark").submodule_search_locations[0]
+        conf_dir = os.path.join(home, "conf")
+    return Path(conf_dir) / "spark-defaults.conf"
+
+
+@contextmanager
+def executor_environment_file(variables: Mapping[str, str], base: Path) -> Iterator[str | None]:
+    """A properties file, readable by this user only, holding ``base``'s properties (what
+    spark-submit would have read) and ``spark.executorEnv.<name>`` for each variable: a cluster's
+    workers start the executors with them in their environment. Removed on exit."""
+    if not variables:
+        yield None
+        return
+    lines = [base.read_text()] if base.is_file() else []
+    lines += [f"spark.executorEnv.{name}={value.replace(chr(92), chr(92) * 2)}" for name, value in variables.items()]
+    fd, path = tempfile.mkstemp(dir=private_dir(), prefix="spark-", suffix=".properties")  # 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        yield path
+    finally:
+        os.unlink(path)
+
+
 class SparkJobOperator(SparkSubmitOperator):
     """``spark-submit jobs/spark/<job>.py --lake URI --date D`` with the jobs package zipped alongside."""
 
-    def __init__(self, *, job: str, lake: str, day: str, **kwargs) -> None:
+    template_fields: Sequence[str] = (*SparkSubmitOperator.template_fields, "lake")
+
+    def __init__(self, *, job: str, lake: str, day: str, aws_conn_id: str | None = None, **kwargs) -> None:
         kwargs.setdefault("application", f"jobs/spark/{job}.py")
         kwargs.setdefault("application_args", ["--lake", lake, "--date", day])
         kwargs.setdefault("name", f"fraud-{job}")
         kwargs["conf"] = {"spark.log.level": "WARN", **(kwargs.get("conf") or {})}
         super().__init__(**kwargs)
         self.job = job
+        self.lake = lake
+        self.aws_conn_id = aws_conn_id
 
     def execute(self, context):
         root = jobs_root()
@@ -79,7 +118,15 @@ class SparkJobOperator(SparkSubmitOperator):
         if not self.py_files:
             self.py_files = build_jobs_zip(root)
         self.log.info("submitting %s with --py-files %s", self.application, self.py_files)
-        if self._hook is None:
-            self._hook = self._get_hook()  # reads the connection while the task's environment is whole
-        with without_airflow_secrets():  # spark-submit inherits the environment: not Airflow's secrets
-            return super().execute(context)
+        store = store_environment(self.lake, self.aws_conn_id)
+        keys = {name: value for name, value in store.items() if name in S3_SECRET_VARIABLES}
+        base = Path(self.properties_file) if self.properties_file else spark_defaults_file()
+        with executor_environment_file(keys, base) as properties:
+            if properties:
+                self.properties_file = properties
+                self._hook = None
+            if self._hook is None:
+                self._hook = self._get_hook()  # reads the connection while the task's environment is whole
+            # spark-submit inherits this environment: Airflow's secrets out, the store's settings in
+            with step_process_environment(store):
+                return super().execute(context)

