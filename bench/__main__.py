@@ -11,6 +11,7 @@ BENCHMARKS = {
     "training": "bench.training",
     "scoring": "bench.scoring",
     "hot_key": "bench.hot_key",
+    "scale": "bench.scale",
 }
 
 

@@ -132,8 +132,8 @@ def celery_environment(database_url: str, broker_url: str, concurrency: int) -> 
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database_url,
         "AIRFLOW__CELERY__BROKER_URL": broker_url,
-        # Celery keeps task results in the metadata database (its SQLAlchemy URL names no driver)
-        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url.replace("+psycopg2", "", 1),
+        # Celery keeps task results in the metadata database, through the same SQLAlchemy URL
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url,
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(concurrency),
     }
 

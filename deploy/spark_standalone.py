@@ -1,9 +1,10 @@
 """A Spark standalone master and worker from the pyspark installation, on one host.
 
 The same commands are the ``spark-master`` and ``spark-worker`` services of docker-compose.yaml;
-the tests start them on 127.0.0.1 to run the Spark jobs as the DAG submits them. A worker's
-executors inherit its environment: that is where they find the store's credentials
-(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``), never in the submitted conf.
+the tests start them on 127.0.0.1 to run the Spark jobs as the DAG submits them. The worker needs
+no store credentials: the task that submits an application gives its executors the store's keys
+(``spark.executorEnv.*`` from a private properties file, ``fraud_ops.spark``), and the worker starts
+them with those in their environment.
 
     python deploy/spark_standalone.py            # master on :7077 (UI :8080) and one worker; Ctrl-C stops
 """
