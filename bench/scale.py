@@ -56,8 +56,9 @@ class Run:
     peak_mib: float
 
 
-def run_measured(argv: list[str], env: dict[str, str]) -> Run:
-    """Run a command to its end; its wall time and the peak RSS of its process tree."""
+def run_measured(argv: list[str], env: dict[str, str], also: int | None = None) -> Run:
+    """Run a command to its end; its wall time and the peak RSS of its process tree (plus the tree of
+    the process ``also``: a standalone worker, whose children are the application's executors)."""
     import psutil
 
     started = time.perf_counter()
@@ -67,13 +68,16 @@ def run_measured(argv: list[str], env: dict[str, str]) -> Run:
 
     def sample() -> None:
         nonlocal peak
-        root = psutil.Process(proc.pid)
+        roots = [psutil.Process(pid) for pid in (proc.pid, also) if pid]
         while not done.is_set():
-            try:
-                tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()) / 2**20)
-            except psutil.Error:
-                pass
+            total = 0
+            for root in roots:
+                for p in (root, *root.children(recursive=True)):
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+            peak = max(peak, total / 2**20)
             done.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -147,10 +151,10 @@ def register_champion(uri: str, s3: S3Settings | None) -> None:
 FEATURES_INPUTS = (Dataset.CLEAN, Dataset.CLEAN_LABELS)
 
 
-def row(rows: int, step: str, store: str, master: str, run: Run, fixed: Run) -> list[object]:
+def row(size: int, rows: int, step: str, store: str, master: str, run: Run, fixed: Run) -> list[object]:
     growing = max(run.seconds - fixed.seconds, 0.0)
     share = fixed.seconds / run.seconds if run.seconds else 0.0
-    return [f"{rows / 1e6:g}M", step, store, master, f"{run.seconds:.1f}", f"{fixed.seconds:.1f} ({share:.0%})",
+    return [f"{size / 1e6:g}M", step, store, master, f"{run.seconds:.1f}", f"{fixed.seconds:.1f} ({share:.0%})",
             f"{growing / (rows / 1e6):.1f}", f"{rows / run.seconds:,.0f}", f"{run.peak_mib:,.0f}"]
 
 
@@ -170,14 +174,15 @@ def main(flags: list[str]) -> int:
         server = SeaweedFS(Path(tmp) / "seaweedfs", access_key="bench-key", secret_key="bench-secret-0000")
         server.start()
         s3 = store_settings(server)
-        keyless = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        keyless = {k: v for k, v in commands.environment().items() if not k.startswith("AWS_")}
         cluster = StandaloneCluster(Path(tmp) / "spark", port=free_port(), webui_port=free_port(),
                                     worker_webui_port=free_port(), cores=2, memory="6g", env=keyless)
         cluster.start()
         keys = {k: v for k, v in s3_environment(s3).items() if k.startswith("AWS_") and k != "AWS_REGION"}
         try:
             with executor_environment_file(keys, spark_defaults_file()) as properties:
-                masters = {"local[2]": ("local[2]", []), "standalone": (cluster.url, ["--properties-file", properties])}
+                masters = {"local[2]": ("local[2]", [], None),
+                           "standalone": (cluster.url, ["--properties-file", properties], cluster.procs["worker"].pid)}
                 for rows in sizes:
                     root = Path(tmp) / str(rows)
                     started = time.perf_counter()
@@ -191,23 +196,23 @@ def main(flags: list[str]) -> int:
                              "S3": (copy_to_store(uri, server, f"scale-{rows}", FEATURES_INPUTS), s3)}
                     for store, (lake_uri, store_s3) in lakes.items():
                         env = environment(store_s3)
-                        for name, (master, extra) in masters.items():
+                        for name, (master, extra, worker) in masters.items():
                             def features(days: list[date], lake_uri=lake_uri, master=master, extra=extra) -> list[str]:
                                 argv = spark_submit("features", lake_uri, days, master)
                                 return [argv[0], *extra, *argv[1:]]
 
                             key = ("features", store, name)
                             if key not in fixed:
-                                fixed[key] = run_measured(features(days_of(1)), env)
-                            result = run_measured(features(days_of(DAYS)), env)
-                            table.append(row(n, "features", store, name, result, fixed[key]))
+                                fixed[key] = run_measured(features(days_of(1)), env, worker)
+                            result = run_measured(features(days_of(DAYS)), env, worker)
+                            table.append(row(rows, n, "features", store, name, result, fixed[key]))
                             print(" | ".join(map(str, table[-1])), flush=True)
                         register_champion(lake_uri, store_s3)
                         key = ("score", store, "")
                         if key not in fixed:
                             fixed[key] = run_measured(score(lake_uri, days_of(1)), env)
                         result = run_measured(score(lake_uri, days_of(DAYS)), env)
-                        table.append(row(n, "score (seq)", store, "(no Spark)", result, fixed[key]))
+                        table.append(row(rows, n, "score (seq)", store, "(no Spark)", result, fixed[key]))
                         print(" | ".join(map(str, table[-1])), flush=True)
                     shutil.rmtree(root, ignore_errors=True)
         finally:
@@ -215,14 +220,15 @@ def main(flags: list[str]) -> int:
             server.stop()
     end = os.getloadavg()
     header = ["history", "step", "lake", "Spark", "seconds (command, start to exit)", "fixed: 1 day (share)",
-              "growing part: s per 1M rows", "rows/s", "peak RSS MiB (process tree)"]
+              "growing part: s per 1M rows", "rows/s", "peak RSS MiB"]
     text = markdown_table(header, table)
     built = markdown_table(["history", "clean rows (30 days)", "rows a day", "generate + clean seconds"], clean_rows)
     note = (f"Each history: 30 days from `python -m jobs.datagen` (about two transactions a card a day), cleaned by "
             f"the clean job; the S3 lake is a copy in SeaweedFS (`weed mini`, same machine, loopback). Spark: "
             f"`--driver-memory {DRIVER_MEMORY}`; the standalone cluster is one master and one worker (2 cores, "
             f"executor memory {EXECUTOR_MEMORY}) on this machine, the executors getting the store's keys from a "
-            f"private properties file as the DAG gives them. \"fixed\" is the same command on one day of the "
+            f"private properties file as the DAG gives them. Peak RSS: the command's process tree (the JVM, its Python "
+            f"workers), with the standalone worker's tree (its executor) for the cluster runs. \"fixed\" is the same command on one day of the "
             f"smallest history. Load average (1/5/15 min): start {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, "
             f"end {end[0]:.1f}/{end[1]:.1f}/{end[2]:.1f}.")
     print(built)

@@ -46,13 +46,15 @@ def big_day(day: date, rows: int) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def champion(lake: Lake, kind: str) -> str:
-    """Train a small model, register it, and make it champion from the first date."""
-    window = [FIRST + timedelta(days=i) for i in range(2)]
-    for day in window:
-        lake.write_table(Dataset.FEATURES, day, synthetic_features(day, 2_000, cards=500))
+def champion(lake: Lake, kind: str, window: list[date] | None = None) -> str:
+    """Train a small model on ``window``'s features (by default two synthetic days written for it),
+    register it, and make it champion from the first date."""
+    if window is None:
+        window = [FIRST + timedelta(days=i) for i in range(2)]
+        for day in window:
+            lake.write_table(Dataset.FEATURES, day, synthetic_features(day, 2_000, cards=500))
     cfg = TrainConfig(lake=lake.uri, date=DAY.isoformat(), model=kind, epochs=1).resolved()
-    trained = train_model(lake, cfg, window, FIRST, torch.device("cpu"))
+    trained = train_model(lake, cfg, window, Calendar(FIRST, train_every_days=10_000), torch.device("cpu"))
     ckpt = checkpoint_bytes(cfg.recipe(), cfg.model_config(), trained.model, trained.transform)
     registry = R.Registry(lake, TrainingSchedule(FIRST, every_days=10_000, window_days=7))
     version = f"{kind}-bench"
