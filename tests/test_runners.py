@@ -201,6 +201,26 @@ def test_same_command_in_every_mode(monkeypatch):
     assert commands["local"] == commands["docker"] == commands["kubernetes"] == COMMAND
 
 
+def test_training_on_several_gpus_goes_through_torchrun(monkeypatch):
+    from fraud_ops.runners import torch_task
+
+    cfg = _cfg(monkeypatch, "docker", FRAUD_TRAIN_PROCESSES="4", FRAUD_TORCH_QUEUE="gpu")
+    train = torch_task("train", "train", ["--lake", "s3://bucket/lake", "--date", "2018-05-02"], cfg, lake="s3://bucket/lake")
+    assert train.command[:6] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m"]
+    assert train.command[6:] == ["jobs.torch.train", "--lake", "s3://bucket/lake", "--date", "2018-05-02"]
+    assert train.queue == "gpu"
+    assert _score(cfg).command == COMMAND  # scoring is one process
+
+
+def test_the_store_s_keys_go_only_to_executors_that_keep_them_to_themselves():
+    from fraud_ops.spark import hands_keys_to_executors
+
+    assert hands_keys_to_executors("local[2]", None) and hands_keys_to_executors("spark://master:7077", "client")
+    assert not hands_keys_to_executors("spark://master:7077", "cluster")  # a driver on the cluster
+    assert not hands_keys_to_executors("yarn", "client")  # launch scripts on the NodeManagers
+    assert not hands_keys_to_executors("k8s://https://api:6443", "cluster")  # the driver's ConfigMap
+
+
 def test_unknown_runner_is_refused(monkeypatch):
     from fraud_ops.config import orchestration
 

@@ -29,6 +29,7 @@ ENV_DOC = {
     "FRAUD_TORCH_RUNNER": "how train/score run: local (a process on the worker), docker, kubernetes (default local)",
     "FRAUD_IMAGE": "image for the docker and kubernetes runners (default fraud-nightly:latest)",
     "FRAUD_GPU_POOL": "Airflow pool capping concurrent GPU tasks (default gpu)",
+    "FRAUD_TRAIN_PROCESSES": "training processes of the train step, one per GPU (default 1; more: torchrun with DDP)",
     "FRAUD_TORCH_QUEUE": "executor queue of the torch tasks (default default; docker-compose's GPU worker takes gpu)",
     "FRAUD_GPU_COUNT": "GPUs requested per torch task by docker/kubernetes (default 1; 0 = CPU only)",
     "FRAUD_DOCKER_URL": "Docker daemon for the docker runner (default unix://var/run/docker.sock)",
@@ -68,6 +69,7 @@ class Orchestration:
     image: str
     gpu_pool: str
     torch_queue: str
+    train_processes: int
     gpu_count: int
     docker_url: str
     docker_network: str | None
@@ -136,6 +138,7 @@ def orchestration() -> Orchestration:
         image=_env("FRAUD_IMAGE", "fraud-nightly:latest"),
         gpu_pool=_env("FRAUD_GPU_POOL", "gpu"),
         torch_queue=_env("FRAUD_TORCH_QUEUE", "default"),
+        train_processes=int(_env("FRAUD_TRAIN_PROCESSES", "1")),
         gpu_count=int(_env("FRAUD_GPU_COUNT", "1")),
         docker_url=_env("FRAUD_DOCKER_URL", "unix://var/run/docker.sock"),
         docker_network=os.environ.get("FRAUD_DOCKER_NETWORK") or None,

@@ -45,8 +45,12 @@ FORWARDED_ENV = (
 CONTAINER_WORKDIR = "/opt/fraud"
 
 
-def torch_command(step: str, arguments: Sequence[str]) -> list[str]:
-    """The one command line of a torch step, whatever runs it."""
+def torch_command(step: str, arguments: Sequence[str], processes: int = 1) -> list[str]:
+    """The one command line of a torch step, whatever runs it. Training with more than one process
+    (``FRAUD_TRAIN_PROCESSES``: one per GPU) goes through torchrun, with DDP; only rank 0 writes."""
+    if step == "train" and processes > 1:
+        return ["python", "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                "-m", "jobs.torch.train", *arguments]
     return ["python", "-m", f"jobs.torch.{step}", *arguments]
 
 
@@ -231,7 +235,7 @@ def torch_task(
 ) -> BaseOperator:
     """The operator that runs ``python -m jobs.torch.<step> <arguments>`` in the configured mode,
     with the store of ``lake`` from the AWS Connection ``cfg.aws_conn_id``."""
-    command = torch_command(step, arguments)
+    command = torch_command(step, arguments, cfg.train_processes)
     kwargs.setdefault("pool", cfg.gpu_pool)
     kwargs.setdefault("queue", cfg.torch_queue)
     kwargs.update(lake=lake, aws_conn_id=cfg.aws_conn_id)

@@ -120,13 +120,28 @@ class SparkJobOperator(SparkSubmitOperator):
         self.log.info("submitting %s with --py-files %s", self.application, self.py_files)
         store = store_environment(self.lake, self.aws_conn_id)
         keys = {name: value for name, value in store.items() if name in S3_SECRET_VARIABLES}
+        if self._hook is None:
+            self._hook = self._get_hook()  # reads the connection while the task's environment is whole
+        master, deploy_mode = self._hook._connection["master"], self._hook._connection["deploy_mode"]
+        if keys and not hands_keys_to_executors(master, deploy_mode):
+            self.log.info("the store's keys are not handed to %s (%s mode): the cluster reaches the store with "
+                          "its own identity", master, deploy_mode or "client")
+            keys = {}
         base = Path(self.properties_file) if self.properties_file else spark_defaults_file()
         with executor_environment_file(keys, base) as properties:
             if properties:
                 self.properties_file = properties
-                self._hook = None
-            if self._hook is None:
-                self._hook = self._get_hook()  # reads the connection while the task's environment is whole
+                self._hook = self._get_hook()
             # spark-submit inherits this environment: Airflow's secrets out, the store's settings in
             with step_process_environment(store):
                 return super().execute(context)
+
+
+def hands_keys_to_executors(master: str, deploy_mode: str | None) -> bool:
+    """Whether the submitting task gives the executors the store's keys: on a standalone master in
+    client mode (the worker starts each executor with them in its environment), and in local mode
+    (where the executors are the driver). A driver in cluster mode, and YARN and Kubernetes, would
+    carry them in what they store or write out (an application's configuration, a container's launch
+    script): those clusters reach the store with an identity of their own (an instance or pod role,
+    a Kubernetes secret named in FRAUD_SPARK_CONF)."""
+    return (deploy_mode or "client") == "client" and master.startswith(("local", "spark://"))
