@@ -172,14 +172,14 @@ def main(flags: list[str]) -> int:
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         server = SeaweedFS(Path(tmp) / "seaweedfs", access_key="bench-key", secret_key="bench-secret-0000")
-        server.start()
         s3 = store_settings(server)
         keyless = {k: v for k, v in commands.environment().items() if not k.startswith("AWS_")}
         cluster = StandaloneCluster(Path(tmp) / "spark", port=free_port(), webui_port=free_port(),
                                     worker_webui_port=free_port(), cores=2, memory="6g", env=keyless)
-        cluster.start()
         keys = {k: v for k, v in s3_environment(s3).items() if k.startswith("AWS_") and k != "AWS_REGION"}
         try:
+            server.start()
+            cluster.start()
             with executor_environment_file(keys, spark_defaults_file()) as properties:
                 masters = {"local[2]": ("local[2]", [], None),
                            "standalone": (cluster.url, ["--properties-file", properties], cluster.procs["worker"].pid)}
