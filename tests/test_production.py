@@ -271,6 +271,25 @@ def test_the_store_stopped_in_the_middle_of_a_spark_step(s3_world, store, small_
         assert s3_world.digest(dataset, day) == directory.digest(dataset, day), dataset
 
 
+def test_a_deployment_creates_the_lake_s_bucket_through_the_connection(store):
+    """What docker-compose's airflow-init runs: the bucket of FRAUD_LAKE_URI, created once, with the
+    store reached through the AWS Connection alone."""
+    _, s3 = store
+    bucket = f"deploy-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in commands.environment().items() if k not in STORE_VARIABLES}
+    env.update(FRAUD_LAKE_URI=f"s3://{bucket}/lake", AIRFLOW_CONN_AWS_DEFAULT=json.dumps({
+        "conn_type": "aws", "login": s3.access_key, "password": s3.secret_key,
+        "extra": {"endpoint_url": s3.endpoint_url, "region_name": s3.region}}))
+    said = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, str(REPO / "deploy" / "ensure_bucket.py")], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        said.append(done.stdout.strip().splitlines()[-1])
+    assert said == [f"bucket {bucket} created", f"bucket {bucket} exists"]
+    assert bucket in {b["Name"] for b in _client(s3).list_buckets()["Buckets"]}
+
+
 def test_an_s3_lake_gives_spark_the_endpoint_and_never_the_keys(monkeypatch):
     from jobs.common.config import settings
     from jobs.spark.session import s3a_conf
