@@ -294,8 +294,7 @@ def test_a_read_only_store_is_a_clear_error_and_publishes_nothing(tmp_path):
         {"name": "reader", "credentials": [{"accessKey": "reader-key", "secretKey": "reader-secret-0000"}],
          "actions": ["Read", "List"]},
     ]}))
-    server = WeedServer(tmp_path / "data", s3_config=config)
-    (tmp_path / "data").mkdir()
+    server = WeedServer(tmp_path / "data", s3_config=config)  # makes its data folder
     info = server.start()
     try:
         boto3.client("s3", endpoint_url=info["endpoint_url"], aws_access_key_id=S3_ACCESS_KEY,
