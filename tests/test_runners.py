@@ -213,12 +213,13 @@ def test_training_on_several_gpus_goes_through_torchrun(monkeypatch):
 
 
 def test_the_store_s_keys_go_only_to_executors_that_keep_them_to_themselves():
-    from fraud_ops.spark import hands_keys_to_executors
+    from fraud_ops.spark import executors_take_keys_from_the_task
 
-    assert hands_keys_to_executors("local[2]", None) and hands_keys_to_executors("spark://master:7077", "client")
-    assert not hands_keys_to_executors("spark://master:7077", "cluster")  # a driver on the cluster
-    assert not hands_keys_to_executors("yarn", "client")  # launch scripts on the NodeManagers
-    assert not hands_keys_to_executors("k8s://https://api:6443", "cluster")  # the driver's ConfigMap
+    assert executors_take_keys_from_the_task("spark://master:7077", "client")  # the worker's executors
+    assert not executors_take_keys_from_the_task("local[2]", None)  # the driver is the executor: no file
+    assert not executors_take_keys_from_the_task("spark://master:7077", "cluster")  # a driver on the cluster
+    assert not executors_take_keys_from_the_task("yarn", "client")  # launch scripts on the NodeManagers
+    assert not executors_take_keys_from_the_task("k8s://https://api:6443", "cluster")  # the driver's ConfigMap
 
 
 def test_unknown_runner_is_refused(monkeypatch):

@@ -123,9 +123,10 @@ class SparkJobOperator(SparkSubmitOperator):
         if self._hook is None:
             self._hook = self._get_hook()  # reads the connection while the task's environment is whole
         master, deploy_mode = self._hook._connection["master"], self._hook._connection["deploy_mode"]
-        if keys and not hands_keys_to_executors(master, deploy_mode):
-            self.log.info("the store's keys are not handed to %s (%s mode): the cluster reaches the store with "
-                          "its own identity", master, deploy_mode or "client")
+        if keys and not executors_take_keys_from_the_task(master, deploy_mode):
+            if not master.startswith("local"):  # in local mode the executors are the driver: its environment
+                self.log.info("the store's keys are not handed to %s (%s mode): the cluster reaches the store "
+                              "with its own identity", master, deploy_mode or "client")
             keys = {}
         base = Path(self.properties_file) if self.properties_file else spark_defaults_file()
         with executor_environment_file(keys, base) as properties:
@@ -137,11 +138,11 @@ class SparkJobOperator(SparkSubmitOperator):
                 return super().execute(context)
 
 
-def hands_keys_to_executors(master: str, deploy_mode: str | None) -> bool:
+def executors_take_keys_from_the_task(master: str, deploy_mode: str | None) -> bool:
     """Whether the submitting task gives the executors the store's keys: on a standalone master in
-    client mode (the worker starts each executor with them in its environment), and in local mode
-    (where the executors are the driver). A driver in cluster mode, and YARN and Kubernetes, would
-    carry them in what they store or write out (an application's configuration, a container's launch
-    script): those clusters reach the store with an identity of their own (an instance or pod role,
-    a Kubernetes secret named in FRAUD_SPARK_CONF)."""
-    return (deploy_mode or "client") == "client" and master.startswith(("local", "spark://"))
+    client mode, whose worker starts each executor with them in its environment. In local mode the
+    executors are the driver, which has them in its environment already. A driver in cluster mode,
+    and YARN and Kubernetes, would carry them in what they store or write out (an application's
+    configuration, a container's launch script): those clusters reach the store with an identity of
+    their own (an instance or pod role, a Kubernetes secret named in FRAUD_SPARK_CONF)."""
+    return (deploy_mode or "client") == "client" and master.startswith("spark://")

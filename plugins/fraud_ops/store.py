@@ -14,9 +14,11 @@ logs. Who gets what:
 
 - in-process code (sensors, the quality gate): a ``Lake`` built with these settings;
 - a local step process (train, score, report): its environment;
-- spark-submit: the driver's environment; the executors get the keys as ``spark.executorEnv.*``
-  from a 0600 properties file the task writes and removes (a standalone worker starts each
-  executor with them in its environment; they are never in a task Spark pickles);
+- spark-submit: the driver's environment (in local mode the executors are the driver); on a
+  standalone master the executors get the keys as ``spark.executorEnv.*`` from a 0600 properties
+  file the task writes and removes (the worker starts each executor with them in its environment;
+  they are never in a task Spark pickles). YARN and Kubernetes clusters use their own identity;
+
 - a Docker container: the operator's ``private_environment`` (neither templated nor shown);
 - a Kubernetes pod: a Secret the task writes from the Connection and the pod reads with ``envFrom``.
 """
