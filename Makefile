@@ -58,4 +58,4 @@ bench: $(STAMP) $(JARS) ## benchmarks (prints tables, writes bench/RESULTS.md)
 	$(PY) -m bench
 
 clean: ## remove the demo lake and run state (keeps .venv)
-	rm -rf .lake .quality-lake .quality-lake-realistic .airflow .work spark-warehouse metastore_db derby.log
+	rm -rf .lake .quality-lake .quality-lake-realistic .airflow .airflow-celery .work spark-warehouse metastore_db derby.log

@@ -416,7 +416,11 @@ def main() -> int:
     if args.profile == "celery":
         from local_services import Postgres, Redis
 
-        services = [Postgres(home / "postgres").start(), Redis(home / "redis").start()]
+        database_password = home / "postgres.password"  # the data folder outlives a run: so does its password
+        if not database_password.exists():
+            write_secret(database_password, secrets.token_urlsafe(16))
+        services = [Postgres(home / "postgres", password=database_password.read_text()).start(),
+                    Redis(home / "redis").start()]
         celery = (services[0].sqlalchemy_url, services[1].url)
     af = LocalAirflow(home, args.lake, port=args.port, password=password, celery=celery)
     try:
@@ -435,7 +439,7 @@ def main() -> int:
     finally:
         af.stop()
         for service in reversed(services):
-            service.stop()
+            getattr(service, "close", service.stop)()
     return 0
 
 

@@ -231,8 +231,17 @@ class Postgres:
         self.proc = None
 
     def remove(self) -> None:
+        """Stop, and delete the data."""
         self.stop()
         shutil.rmtree(self.data.parent if self.run_as else self.data, ignore_errors=True)
+
+    def close(self) -> None:
+        """Stop; delete the data only where it lives in a folder of its own under the temporary folder
+        (started by root), which a next start would not find again."""
+        if self.run_as:
+            self.remove()
+        else:
+            self.stop()
 
 
 class Redis:
