@@ -29,12 +29,13 @@ import pandas as pd
 import pyarrow as pa
 
 from bench import markdown_table, write_section
+from jobs.common.calendar import Calendar
 from jobs.common.lake import Dataset, Lake
 from jobs.common.schema import (
     CLEAN_SCHEMA,
     COMPUTED_FEATURES,
     FEATURE_SCHEMA,
-    LABEL_DELAY_DAYS,
+    LABEL_EVENT_SCHEMA,
     WINDOWS_DAYS,
     customer_avg_amount,
     customer_count,
@@ -43,6 +44,8 @@ from jobs.common.schema import (
 )
 
 FIRST = date(2018, 4, 1)
+CALENDAR = Calendar(FIRST)
+LABEL_DELAY_DAYS = CALENDAR.label_delay_days
 ROUNDS = 2  # the job and DuckDB run in turns this many times; the best of each is reported
 
 
@@ -99,6 +102,7 @@ def generate(lake: Lake, scale: Scale, seed: int = 0) -> list[date]:
             schema=CLEAN_SCHEMA,
         )
         lake.write_table(Dataset.CLEAN, day, table)
+        lake.write_table(Dataset.CLEAN_LABELS, day, LABEL_EVENT_SCHEMA.empty_table())  # no feed: inline labels only
         next_id += n
     return days
 
@@ -110,8 +114,8 @@ def run_job(spark, lake: Lake, days: list[date]) -> float:
     from jobs.spark import features
 
     started = time.perf_counter()
-    inputs = features.find_inputs(lake, days, FIRST)
-    if features.run(spark, lake, inputs) != 0:
+    inputs = features.find_inputs(lake, days, CALENDAR)
+    if features.run(spark, lake, inputs, CALENDAR) != 0:
         raise RuntimeError("the features job failed")
     return time.perf_counter() - started
 
@@ -120,7 +124,7 @@ def window_cost(spark, lake: Lake, days: list[date], windows_days: tuple[int, ..
     """Compute only the given windows (same input, same plan shape) into Spark's no-op sink."""
     from jobs.spark import features
 
-    inputs = features.find_inputs(lake, days, FIRST)
+    inputs = features.find_inputs(lake, days, CALENDAR)
     started = time.perf_counter()
     frame = features.compute_features(
         features.read_clean(spark, inputs.files), days[0], days[-1], windows_days
@@ -137,7 +141,7 @@ def movement_floor(spark, lake: Lake, days: list[date]) -> float:
     """
     from jobs.spark import features
 
-    inputs = features.find_inputs(lake, days, FIRST)
+    inputs = features.find_inputs(lake, days, CALENDAR)
     clean = features.read_clean(spark, inputs.files)
 
     def unchanged(batches):  # a nested function travels to the workers by value

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bench import markdown_table, write_section
+from jobs.common.calendar import Calendar
 from jobs.common.lake import Dataset, Lake
 from jobs.torch.data import read_for_model
 from jobs.torch.fit import Dist, TrainingData, fit, prepare, train_model
@@ -34,6 +35,7 @@ from jobs.torch.synthetic import synthetic_features
 from jobs.torch.train import TrainConfig
 
 FIRST = date(2018, 4, 1)
+CALENDAR = Calendar(FIRST)
 
 
 class RowDataset(torch.utils.data.Dataset):
@@ -95,7 +97,7 @@ def main(flags: list[str]) -> int:
             full = replace(defaults, lake=lake.uri, model=kind, hidden=[], threads=threads).resolved()
             cfg = replace(full, epochs=1 if small else 2)
             mcfg = cfg.model_config()
-            frame, history = read_for_model(lake, window, mcfg, FIRST)
+            frame, history = read_for_model(lake, window, mcfg, CALENDAR)
             data = prepare(frame, history, InputTransform.fit(torch.from_numpy(frame.x)))
             n = len(frame)
             name = f"{kind} {mcfg.hidden}, dropout {mcfg.dropout}" + (
@@ -122,7 +124,7 @@ def main(flags: list[str]) -> int:
                   f"({rate / ref_rates[-1]:.1f}x)", flush=True)
 
             t0 = time.perf_counter()
-            trained = train_model(lake, full, window, FIRST, torch.device("cpu"))
+            trained = train_model(lake, full, window, CALENDAR, torch.device("cpu"))
             whole.append((kind, len(trained.frame), full.epochs, full.batch_size, time.perf_counter() - t0))
     end_load = os.getloadavg()
 
