@@ -54,9 +54,12 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.o
 COPY requirements.txt constraints.txt ./
 RUN pip install -r requirements.txt -c constraints.txt
 # The S3 jars go where pyspark keeps Spark's own: the classpath of spark-submit, local mode and
-# the standalone master and worker started from this image.
+# the standalone master and worker started from this image; the install's spark-defaults.conf (the
+# driver heap of a plain spark-submit) into its conf folder, as `make venv` does.
 COPY --from=spark-jars /build/jars/ /tmp/spark-jars/
-RUN cp /tmp/spark-jars/*.jar "$(python -c 'import os, pyspark; print(os.path.join(os.path.dirname(pyspark.__file__), "jars"))')" \
+COPY deploy/spark-conf/spark-defaults.conf /tmp/spark-defaults.conf
+RUN home="$(python -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))')" \
+    && cp /tmp/spark-jars/*.jar "$home/jars/" && mkdir -p "$home/conf" && mv /tmp/spark-defaults.conf "$home/conf/" \
     && rm -rf /tmp/spark-jars
 COPY jobs ./jobs
 COPY dags ./dags

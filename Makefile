@@ -23,11 +23,13 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	touch $(STAMP)
 
 # Spark's S3 connector (hadoop-aws and the AWS SDK bundle, pinned in deploy/spark-jars/pom.xml), put
-# in pyspark's jars folder: the classpath of local Spark, spark-submit and a standalone cluster.
+# in pyspark's jars folder: the classpath of local Spark, spark-submit and a standalone cluster; and
+# the install's spark-defaults.conf (deploy/spark-conf), what a plain spark-submit starts with.
 JARS := $(VENV)/.spark-jars
-$(JARS): $(STAMP) deploy/spark-jars/pom.xml
-	jars=$$($(PY) -c 'import os, pyspark; print(os.path.join(os.path.dirname(pyspark.__file__), "jars"))') \
-		&& mvn -q -B -f deploy/spark-jars/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$$jars"
+$(JARS): $(STAMP) deploy/spark-jars/pom.xml deploy/spark-conf/spark-defaults.conf
+	home=$$($(PY) -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))') \
+		&& mvn -q -B -f deploy/spark-jars/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$$home/jars" \
+		&& mkdir -p "$$home/conf" && cp deploy/spark-conf/spark-defaults.conf "$$home/conf/"
 	touch $(JARS)
 
 venv: $(STAMP) $(JARS) ## create .venv, install the pinned requirements and Spark's S3 jars (only when missing or changed)
@@ -58,4 +60,4 @@ bench: $(STAMP) $(JARS) ## benchmarks (prints tables, writes bench/RESULTS.md)
 	$(PY) -m bench
 
 clean: ## remove the demo lake and run state (keeps .venv)
-	rm -rf .lake .quality-lake .quality-lake-realistic .airflow .airflow-celery .work spark-warehouse metastore_db derby.log
+	rm -rf .lake .quality-lake .quality-lake-realistic .airflow .airflow-celery .spark-connect .work spark-warehouse metastore_db derby.log

@@ -12,6 +12,7 @@ BENCHMARKS = {
     "scoring": "bench.scoring",
     "hot_key": "bench.hot_key",
     "scale": "bench.scale",
+    "nightly": "bench.nightly",
 }
 
 

@@ -159,7 +159,7 @@ def fraud_nightly():
     wait = {"poke_interval": CFG.poke_seconds, "timeout": CFG.wait_timeout_hours * 3600, "mode": CFG.sensor_mode,
             "aws_conn_id": CFG.aws_conn_id, **poke_limit}
     spark = {"conn_id": CFG.spark_conn_id, "conf": CFG.spark_conf, "driver_memory": STEP.spark_driver_memory,
-             "aws_conn_id": CFG.aws_conn_id}
+             "aws_conn_id": CFG.aws_conn_id, "connect_conn_id": CFG.spark_connect_conn_id}
 
     landing = LandingSensor(
         task_id="wait_for_landing",

@@ -138,6 +138,17 @@ def celery_environment(database_url: str, broker_url: str, concurrency: int) -> 
     }
 
 
+def spark_connect_environment(address: str) -> dict[str, str]:
+    """The Spark steps on the Spark Connect server at ``host:port``, through the Connection
+    ``spark_connect_default``: what ``make up`` and docker-compose set."""
+    host, _, port = address.rpartition(":")
+    return {
+        "FRAUD_SPARK_CONNECT_CONN_ID": "spark_connect_default",
+        "AIRFLOW_CONN_SPARK_CONNECT_DEFAULT": json.dumps({"conn_type": "spark_connect", "host": host,
+                                                          "port": int(port)}),
+    }
+
+
 class LocalAirflow:
     def __init__(
         self,
@@ -148,9 +159,11 @@ class LocalAirflow:
         extra_env: dict[str, str] | None = None,
         password: str | None = None,
         celery: tuple[str, str] | None = None,
+        spark_connect: str | None = None,
     ):
         """``celery``: (database URL, broker URL) for the distributed profile; SQLite and the
-        LocalExecutor without it."""
+        LocalExecutor without it. ``spark_connect``: ``host:port`` of a Spark Connect server the
+        Spark steps run on (``spark_connect_default``); a spark-submit each without it."""
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -197,6 +210,7 @@ class LocalAirflow:
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
             **(celery_environment(*celery, concurrency=parallelism) if celery else {}),
+            **(spark_connect_environment(spark_connect) if spark_connect else {}),
             **(extra_env or {}),
         }
 
@@ -406,6 +420,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("FRAUD_AIRFLOW_PORT", "8080")))
     parser.add_argument("--profile", choices=("embedded", "celery"), default="embedded",
                         help="embedded: SQLite and the LocalExecutor; celery: PostgreSQL, Redis and a Celery worker")
+    parser.add_argument("--spark", choices=("connect", "submit"), default="connect",
+                        help="connect: the Spark steps share a warm Spark Connect server started here (default); "
+                             "submit: a spark-submit each")
     args = parser.parse_args()
     home = Path(args.home) if args.profile == "embedded" else Path(f"{args.home}-{args.profile}")
     password_file = home / "admin.password"
@@ -422,7 +439,18 @@ def main() -> int:
         services = [Postgres(home / "postgres", password=database_password.read_text()).start(),
                     Redis(home / "redis").start()]
         celery = (services[0].sqlalchemy_url, services[1].url)
-    af = LocalAirflow(home, args.lake, port=args.port, password=password, celery=celery)
+    connect = None
+    if args.spark == "connect":
+        from spark_connect import DEFAULT_PORT, SparkConnectServer
+
+        print("starting the Spark Connect server the Spark steps share ...", flush=True)
+        port = int(os.environ.get("SPARK_CONNECT_PORT", DEFAULT_PORT))
+        connect = SparkConnectServer(home / "spark-connect", port=port, env={**os.environ, "FRAUD_LAKE_URI": args.lake},
+                                     driver_memory=os.environ.get("FRAUD_SPARK_DRIVER_MEMORY", "4g")).start()
+        services.append(connect)
+    af = LocalAirflow(home, args.lake, port=args.port, password=password, celery=celery,
+                      spark_connect=f"{connect.host}:{connect.port}" if connect else None)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped by a process manager: stop what was started
     try:
         af.init()
         af.start("api-server", "dag-processor", "scheduler", "triggerer", *(["celery-worker"] if celery else []))
@@ -430,6 +458,8 @@ def main() -> int:
         af.wait_for_dag("fraud_nightly")
         print(f"\nAirflow ({args.profile}) is up: {af.url}  (user {ADMIN_USER}; the password is in {password_file})")
         print(f"DAG fraud_nightly: {af.url}/dags/fraud_nightly   lake: {args.lake}")
+        if connect:
+            print(f"Spark: the steps run on the Spark Connect server {connect.url} (log {connect.log_path})")
         print(f"logs: {home}/*.log   stop with Ctrl-C")
         while True:
             af._check_alive()

@@ -123,9 +123,12 @@ def test_the_image_fetches_the_spark_jars_from_the_list_make_venv_uses(dockerfil
     assert "deploy/spark-jars/pom.xml /build/pom.xml" in copies
     assert "-f /build/pom.xml dependency:copy-dependencies" in runs
     assert any(c.startswith("--from=spark-jars /build/jars/") for c in copies)
-    assert "pyspark.__file__" in runs and '"jars"' in runs  # into pyspark's jars folder, as `make venv` does
+    # into pyspark's jars folder, and the install's spark-defaults.conf into its conf folder, as `make venv` does
+    assert "pyspark.__file__" in runs and '"$home/jars/"' in runs and '"$home/conf/"' in runs
+    assert "deploy/spark-conf/spark-defaults.conf /tmp/spark-defaults.conf" in copies
     makefile = (REPO / "Makefile").read_text()
     assert "-f deploy/spark-jars/pom.xml dependency:copy-dependencies" in makefile
+    assert 'cp deploy/spark-conf/spark-defaults.conf "$$home/conf/"' in makefile
 
 
 def test_compose_refuses_to_start_without_every_secret(raw, compose_check):

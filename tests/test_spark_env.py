@@ -36,3 +36,23 @@ def test_python_udf_and_map_in_arrow_run_on_the_shared_session(spark):
 
     result = frame.mapInArrow(doubled, "x long").orderBy("x").collect()
     assert [r.x for r in result] == [0, 2, 4, 6]
+
+
+def test_a_plain_spark_submit_gets_the_install_s_driver_heap(tmp_path):
+    """The documented commands (``spark-submit jobs/spark/clean.py ...``, no --driver-memory) run
+    with the 4 GiB driver of the install's spark-defaults.conf (``make venv`` puts it in pyspark's
+    conf folder), not Spark's own 1 GiB default, too small for a range run at scale."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = tmp_path / "heap.py"
+    probe.write_text("from pyspark.sql import SparkSession\n"
+                     "spark = SparkSession.builder.getOrCreate()\n"
+                     "print('HEAP', spark.sparkContext._jvm.java.lang.Runtime.getRuntime().maxMemory())\n"
+                     "spark.stop()\n")
+    done = subprocess.run([str(Path(sys.executable).with_name("spark-submit")), "--master", "local[1]", str(probe)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    heap = int(next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("HEAP")))
+    assert heap > 3.5 * 2**30, f"driver heap {heap / 2**30:.2f} GiB"

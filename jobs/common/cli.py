@@ -73,6 +73,12 @@ def parse_days(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     return args
 
 
+def batches(days: Sequence, size: int) -> list[list]:
+    """``days`` (in date order) cut into consecutive runs of at most ``size``: a range run works on
+    one at a time, so what it holds at once does not grow with the range."""
+    return [list(days[i:i + size]) for i in range(0, len(days), size)]
+
+
 def not_done(step: str, days: Sequence[date], error: BaseException | str, failed_on: date | None = None,
              code: int = EXIT_FAILED, lake=None) -> int:
     """Say what failed and which days are not done (the range can be rerun from the first one).

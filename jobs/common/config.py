@@ -46,6 +46,7 @@ class Settings:
     spark_master: str
     spark_driver_memory: str
     spark_shuffle_partitions: int
+    range_batch_days: int
     seed: int
     s3: S3Settings
 
@@ -66,6 +67,8 @@ ENV_DOC = {
     "FRAUD_SPARK_MASTER": "Spark master for spark-submit outside Airflow (default local[2])",
     "FRAUD_SPARK_DRIVER_MEMORY": "driver memory in local mode (default 4g)",
     "FRAUD_SPARK_SHUFFLE_PARTITIONS": "spark.sql.shuffle.partitions (default 8)",
+    "FRAUD_RANGE_BATCH_DAYS": "a range run of a Spark job works on at most this many days at a time, publishing "
+                              "each batch before the next, so its memory does not grow with the range (default 7)",
     "FRAUD_SEED": "seed for training and anything random (default 0)",
     "FRAUD_S3_ENDPOINT_URL": "S3-compatible endpoint, e.g. http://127.0.0.1:8333 (default: AWS)",
     "AWS_REGION": "S3 region (default us-east-1)",
@@ -95,6 +98,12 @@ def s3_environment(s3: S3Settings) -> dict[str, str]:
 S3_SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
+def _positive(name: str, value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
 def settings() -> Settings:
     """Read the environment now (tests change it between calls, so nothing is cached)."""
     return Settings(
@@ -113,6 +122,7 @@ def settings() -> Settings:
         spark_master=_env("FRAUD_SPARK_MASTER", "local[2]"),
         spark_driver_memory=_env("FRAUD_SPARK_DRIVER_MEMORY", "4g"),
         spark_shuffle_partitions=int(_env("FRAUD_SPARK_SHUFFLE_PARTITIONS", "8")),
+        range_batch_days=_positive("FRAUD_RANGE_BATCH_DAYS", _env("FRAUD_RANGE_BATCH_DAYS", "7")),
         seed=int(_env("FRAUD_SEED", "0")),
         s3=S3Settings(
             endpoint_url=os.environ.get("FRAUD_S3_ENDPOINT_URL") or None,

@@ -50,7 +50,7 @@ from pyspark.sql import Column, DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from jobs.common.cli import EXIT_OK, day_parser, error_summary, not_done, parse_days
+from jobs.common.cli import EXIT_OK, batches, day_parser, error_summary, not_done, parse_days
 from jobs.common.config import settings
 from jobs.common.lake import Attempt, Dataset, Lake
 from jobs.common.provenance import lineage
@@ -276,9 +276,10 @@ def clean_days(spark: SparkSession, lake: Lake, days: Sequence[date]) -> int:
     """Clean ``days`` (in date order) with as few Spark jobs as possible; 0, or 1 naming the days not done.
 
     Transactions first: every day is inspected on the driver; the days before the first bad one
-    (no ``_SUCCESS``, an unreadable file, a missing column) are cleaned as one batch and published
-    in date order. Then the label events of the days whose transactions are published, the same way
-    (``jobs.spark.labels``: they are checked against the clean transactions, these days' included).
+    (no ``_SUCCESS``, an unreadable file, a missing column) are cleaned in batches of
+    ``FRAUD_RANGE_BATCH_DAYS`` and published in date order, each batch's transactions and then the
+    label events of its published days (``jobs.spark.labels``: they are checked against the clean
+    transactions, these days' included) before the next batch: memory does not grow with the range.
     The run fails naming the first day not done and every later one: published days are always a
     prefix of the range, so it can be rerun from the day named. If a batch fails inside Spark (a file
     whose damage only shows when read), the same days are cleaned one by one to find the bad one.
@@ -291,16 +292,18 @@ def clean_days(spark: SparkSession, lake: Lake, days: Sequence[date]) -> int:
         except CleanError as exc:
             failure = (day, exc)
             break
-    done: list[date] = []
-    if ready:
-        count, error = _batch_or_each(spark, lake, ready, clean_batch)
-        done = [d.day for d in ready[:count]]
+    cfg = settings()
+    for batch in batches(ready, cfg.range_batch_days):  # transactions, then their label events, a batch at a time
+        count, error = _batch_or_each(spark, lake, batch, clean_batch)
+        done = [d.day for d in batch[:count]]
         if error is not None:
-            failure = (ready[count].day, error)
-    if done:
-        count, error = labels.clean_label_days(spark, lake, done, feed=settings().label_feed)
-        if error is not None:
-            failure = (done[count], error)
+            failure = (batch[count].day, error)
+        if done:
+            count, error = labels.clean_label_days(spark, lake, done, feed=cfg.label_feed)
+            if error is not None:
+                failure = (done[count], error)
+        if failure is not None and failure[0] <= batch[-1].day:
+            break
     if failure is None:
         return EXIT_OK
     day, exc = failure

@@ -4,7 +4,8 @@
 
 Reads the published clean partitions, computes the 14 features exactly (microsecond window
 bounds, same-second peers inside) and publishes ``features/transactions/date=D`` per day. A range
-run reads its history once, computes every day in one pass and publishes the days in date order.
+run reads its history once per batch of ``FRAUD_RANGE_BATCH_DAYS`` days, computes the batch's days in
+one pass and publishes them in date order before the next batch.
 
 File layout: the days are written straight from the terminal pass, by its Python workers
 (``jobs.spark.day_files``, pyarrow through the lake's file system), with no shuffle by date, no
@@ -47,7 +48,8 @@ from jobs.common.calendar import (
     parse_day,
     shift,
 )
-from jobs.common.cli import EXIT_OK, EXIT_WAITING, day_parser, not_done, parse_days
+from jobs.common.cli import EXIT_OK, EXIT_WAITING, batches, day_parser, not_done, parse_days
+from jobs.common.config import settings
 from jobs.common.lake import Attempt, Dataset, Lake, NotPublished
 from jobs.common.provenance import InputRecorder, lineage
 from jobs.common.schema import (
@@ -64,7 +66,7 @@ from jobs.common.schema import (
     terminal_risk,
 )
 from jobs.spark import day_files, windows
-from jobs.spark.session import get_spark, spark_schema
+from jobs.spark.session import default_parallelism, get_spark, spark_schema
 
 # The window kernels and the day writer travel to the Python workers inside the pickled function, so workers need
 # only numpy and pyarrow, not this repository on their path.
@@ -271,7 +273,7 @@ def write_days(
 def write_tasks(spark: SparkSession) -> int:
     """Partitions of the terminal pass, so the most files a day has: the tasks Spark runs at once."""
     partitions = int(spark.conf.get("spark.sql.shuffle.partitions"))
-    return max(1, min(partitions, spark.sparkContext.defaultParallelism))
+    return max(1, min(partitions, default_parallelism(spark)))
 
 
 def publish_in_order(lake: Lake, attempts: dict[date, Attempt], written: dict[date, list[dict]],
@@ -326,10 +328,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.first_date:
         cal = replace(cal, first_date=args.first_date)
     try:  # before starting Spark: a run that must wait for its inputs fails fast
-        inputs = find_inputs(lake, args.days, cal)
+        find_inputs(lake, args.days, cal)
     except MissingInputs as exc:
         return not_done(STEP, args.days, f"{exc}; nothing written", code=EXIT_WAITING)
-    return run(get_spark(f"{STEP} {format_days(args.days)}"), lake, inputs, cal)
+    spark = get_spark(f"{STEP} {format_days(args.days)}")
+    for batch in batches(args.days, settings().range_batch_days):  # memory bounded by a batch
+        try:
+            inputs = find_inputs(lake, batch, cal)
+        except MissingInputs as exc:  # the history changed under the run
+            return not_done(STEP, [d for d in args.days if d >= batch[0]], exc, failed_on=batch[0], lake=lake)
+        code = run(spark, lake, inputs, cal)
+        if code != EXIT_OK:
+            later = [d for d in args.days if d > batch[-1]]
+            if later:
+                not_done(STEP, later, f"not started: the batch {format_days(batch)} failed")
+            return code
+    return EXIT_OK
 
 
 if __name__ == "__main__":

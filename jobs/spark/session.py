@@ -39,18 +39,15 @@ def get_spark(app_name: str) -> SparkSession:
     cfg = settings()
     # A plain `python jobs/spark/x.py`: Python workers use this interpreter (its venv), not `python3`.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    remote = connect_url()
+    builder = SparkSession.builder.remote(remote) if remote else SparkSession.builder
+    for key, value in session_conf(cfg.spark_shuffle_partitions).items():
+        builder = builder.config(key, value)
+    if remote:  # a warm Spark Connect server: the JVM, its static conf and the store's settings are its own
+        return builder.appName(app_name).getOrCreate()
     builder = (
-        SparkSession.builder.config("spark.sql.session.timeZone", "UTC")
-        .config("spark.sql.shuffle.partitions", str(cfg.spark_shuffle_partitions))
-        .config("spark.sql.adaptive.enabled", "true")
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
-        .config("spark.sql.legacy.parquet.nanosAsLong", "true")  # landing Parquet from pandas (jobs.spark.landing)
-        .config("spark.ui.showConsoleProgress", "false")
+        builder.config("spark.ui.showConsoleProgress", "false")
         .config("spark.ui.enabled", "false")
-        # Jobs name their input files one by one (a day's published files); listing a few hundred
-        # of them on the driver is quicker than the Spark job Spark starts from 32 paths up.
-        .config("spark.sql.sources.parallelPartitionDiscovery.threshold", "1024")
     )
     for key, value in s3a_conf(cfg.s3).items():
         builder = builder.config(key, value)
@@ -62,6 +59,35 @@ def get_spark(app_name: str) -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def session_conf(shuffle_partitions: int) -> dict[str, str]:
+    """The SQL settings every job's session has, a classic one or a Spark Connect one alike."""
+    return {
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.shuffle.partitions": str(shuffle_partitions),
+        "spark.sql.adaptive.enabled": "true",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+        "spark.sql.legacy.parquet.nanosAsLong": "true",  # landing Parquet from pandas (jobs.spark.landing)
+        # Jobs name their input files one by one (a day's published files); listing a few hundred
+        # of them on the driver is quicker than the Spark job Spark starts from 32 paths up.
+        "spark.sql.sources.parallelPartitionDiscovery.threshold": "1024",
+    }
+
+
+def connect_url() -> str | None:
+    """The Spark Connect server the jobs run on (``SPARK_REMOTE``, ``sc://host:port``), if any: a
+    warm Spark shared by the runs. Unset, each job starts its own Spark (spark-submit or local)."""
+    return os.environ.get("SPARK_REMOTE") or None
+
+
+def default_parallelism(spark: SparkSession) -> int:
+    """The cores Spark runs tasks on. A Spark Connect session has no SparkContext: its server names
+    them in ``spark.default.parallelism`` (``deploy/spark_connect.py`` sets it)."""
+    if connect_url():
+        return int(spark.conf.get("spark.default.parallelism", spark.conf.get("spark.sql.shuffle.partitions")))
+    return spark.sparkContext.defaultParallelism
 
 
 def s3a_conf(s3: S3Settings) -> dict[str, str]:

@@ -42,6 +42,9 @@ ENV_DOC = {
                          "endpoint_url and region_name (default aws_default; absent: the worker's AWS environment)",
     "FRAUD_SPARK_CONN_ID": "Airflow connection of spark-submit (default spark_default)",
     "FRAUD_SPARK_CONF": "JSON dict of extra --conf for spark-submit (default {})",
+    "FRAUD_SPARK_CONNECT_CONN_ID": "a spark_connect Airflow Connection: the Spark steps run on that warm Spark Connect "
+                                   "server instead of a spark-submit each (default none: spark-submit; `make up` "
+                                   "and docker-compose set spark_connect_default)",
     "FRAUD_CATCHUP": "true (default): nights missed while the scheduler was down run when it is back, oldest first, "
                      "from FRAUD_FIRST_DATE on; false: only the latest night (the local launcher's default)",
     "FRAUD_MAX_ACTIVE_RUNS": "runs of the nightly DAG in flight at once (default 2)",
@@ -79,6 +82,7 @@ class Orchestration:
     aws_conn_id: str
     spark_conn_id: str
     spark_conf: dict = field(hash=False)
+    spark_connect_conn_id: str | None
     catchup: bool
     max_active_runs: int
     retries: int
@@ -148,6 +152,7 @@ def orchestration() -> Orchestration:
         aws_conn_id=_env("FRAUD_AWS_CONN_ID", "aws_default"),
         spark_conn_id=_env("FRAUD_SPARK_CONN_ID", "spark_default"),
         spark_conf=json.loads(_env("FRAUD_SPARK_CONF", "{}")),
+        spark_connect_conn_id=os.environ.get("FRAUD_SPARK_CONNECT_CONN_ID", "").strip() or None,
         catchup=_flag("FRAUD_CATCHUP", "true"),
         max_active_runs=int(_env("FRAUD_MAX_ACTIVE_RUNS", "2")),
         retries=int(_env("FRAUD_RETRIES", "2")),

@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from pathlib import Path
 
 from airflow.sdk import BaseOperator
@@ -100,16 +100,7 @@ class LocalProcessOperator(BaseOperator):
         pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         store = store_environment(self.lake, self.aws_conn_id) if self.lake else {}
         env = {**step_environment(), **store, **(self.env or {}), "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1"}
-        self.log.info("running: %s", " ".join(argv))
-        tail: deque[str] = deque(maxlen=20)
-        self._proc = subprocess.Popen(
-            argv, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        assert self._proc.stdout is not None
-        for line in self._proc.stdout:
-            tail.append(line.rstrip())
-            self.log.info("%s", line.rstrip())
-        code = self._proc.wait()
+        code, tail = run_process(self.log, argv, env, root, started=self._started)
         if code in self.skip_on_exit_code:
             reason = tail[-1] if tail else f"exit code {code}"
             context["ti"].xcom_push(key="skip_reason", value=reason)
@@ -120,9 +111,27 @@ class LocalProcessOperator(BaseOperator):
             )
         return None
 
+    def _started(self, proc: subprocess.Popen) -> None:
+        self._proc = proc
+
     def on_kill(self) -> None:
         if self._proc and self._proc.poll() is None:
             self._proc.terminate()
+
+
+def run_process(log, argv: list[str], env: dict[str, str], cwd: str,
+                started: Callable[[subprocess.Popen], None] | None = None) -> tuple[int, deque[str]]:
+    """Run ``argv`` (no shell), its output line by line into ``log``; its exit code and last lines."""
+    log.info("running: %s", " ".join(argv))
+    tail: deque[str] = deque(maxlen=20)
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if started:
+        started(proc)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        tail.append(line.rstrip())
+        log.info("%s", line.rstrip())
+    return proc.wait(), tail
 
 
 def _docker_operator():

@@ -5,6 +5,12 @@ Master, deploy mode and resources come from the Airflow connection (``spark_defa
 submits to ``local[2]``, a standalone cluster, YARN or Kubernetes. The store's keys come from the
 AWS Connection (``fraud_ops.store``): the driver gets them in its environment, the executors from
 a private properties file, never from the command line.
+
+With ``connect_conn_id`` (``FRAUD_SPARK_CONNECT_CONN_ID``, a ``spark_connect`` Connection) the same
+job file runs as a Spark Connect client of a warm server instead (``deploy/spark_connect.py``):
+no JVM start, no first-job warm-up, the same code and outputs. The server's own environment
+reaches the store for its executors; the client, which publishes, gets the store's settings from
+the AWS Connection as above.
 """
 
 from __future__ import annotations
@@ -13,6 +19,10 @@ import hashlib
 import importlib.util
 import io
 import os
+import re
+import socket
+import subprocess
+import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,9 +30,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.sdk.exceptions import AirflowException
 
-from fraud_ops.environment import step_process_environment
+from fraud_ops.environment import step_environment, step_process_environment
 from fraud_ops.store import store_environment
+from jobs.common.cli import error_summary
 from jobs.common.config import S3_SECRET_VARIABLES
 
 
@@ -101,7 +113,8 @@ class SparkJobOperator(SparkSubmitOperator):
 
     template_fields: Sequence[str] = (*SparkSubmitOperator.template_fields, "lake")
 
-    def __init__(self, *, job: str, lake: str, day: str, aws_conn_id: str | None = None, **kwargs) -> None:
+    def __init__(self, *, job: str, lake: str, day: str, aws_conn_id: str | None = None,
+                 connect_conn_id: str | None = None, **kwargs) -> None:
         kwargs.setdefault("application", f"jobs/spark/{job}.py")
         kwargs.setdefault("application_args", ["--lake", lake, "--date", day])
         kwargs.setdefault("name", f"fraud-{job}")
@@ -110,11 +123,15 @@ class SparkJobOperator(SparkSubmitOperator):
         self.job = job
         self.lake = lake
         self.aws_conn_id = aws_conn_id
+        self.connect_conn_id = connect_conn_id
+        self._client: subprocess.Popen | None = None
 
     def execute(self, context):
         root = jobs_root()
         if not os.path.isabs(self.application):
             self.application = str(root / self.application)
+        if self.connect_conn_id:
+            return self.execute_on_connect(root)
         if not self.py_files:
             self.py_files = build_jobs_zip(root)
         self.log.info("submitting %s with --py-files %s", self.application, self.py_files)
@@ -136,6 +153,62 @@ class SparkJobOperator(SparkSubmitOperator):
             # spark-submit inherits this environment: Airflow's secrets out, the store's settings in
             with step_process_environment(store):
                 return super().execute(context)
+
+
+    def execute_on_connect(self, root: Path) -> None:
+        """``python jobs/spark/<job>.py ...`` as a client of the Spark Connect server of the
+        Connection: its output streams into the task log, a failure raises with the line that says why."""
+        from airflow.providers.apache.spark.hooks.spark_connect import SparkConnectHook
+
+        from fraud_ops.runners import run_process
+
+        url = SparkConnectHook(self.connect_conn_id).get_connection_url()
+        server = url.split("/;")[0].rstrip("/")  # without the Connection's token, for the log
+        reachable(server, self.connect_conn_id)
+        store = store_environment(self.lake, self.aws_conn_id)
+        pythonpath = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+        env = {**step_environment(), **store, "SPARK_REMOTE": url, "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1"}
+        argv = [sys.executable, self.application, *map(str, self.application_args)]
+        self.log.info("running %s on the Spark Connect server %s (Connection %s)", self.job, server,
+                      self.connect_conn_id)
+        code, tail = run_process(self.log, argv, env, str(root), started=self._client_started)
+        if code != 0:
+            raise AirflowException(f"{self.job} on Spark Connect {server} exited {code}: {failure_reason(tail)}")
+
+    def _client_started(self, proc: subprocess.Popen) -> None:
+        self._client = proc
+
+    def on_kill(self) -> None:
+        if self._client is not None:
+            if self._client.poll() is None:
+                self._client.terminate()
+            return
+        super().on_kill()
+
+
+def failure_reason(lines: Sequence[str]) -> str:
+    """The line of a failed job's output that says why: its own "<step>: failed on D: ..." line, else
+    the error a traceback ends with, else its last line."""
+    said = [line for line in lines if re.match(r"^\w+: failed on ", line)]
+    if said:
+        return said[-1]
+    text = "\n".join(lines)
+    return error_summary(text) if "Traceback (most recent call last)" in text else (lines[-1] if lines else "")
+
+
+def reachable(server: str, conn_id: str, timeout: float = 10.0) -> None:
+    """Fail at once, saying what to do, when nothing listens at the server's address (a client
+    would otherwise retry for minutes); the task's retries then wait for it to be back."""
+    from urllib.parse import urlparse
+
+    address = urlparse(server.replace("sc://", "http://", 1))
+    try:
+        socket.create_connection((address.hostname, address.port or 15002), timeout=timeout).close()
+    except OSError as exc:
+        raise AirflowException(
+            f"the Spark Connect server {server} (Connection {conn_id}) is not reachable ({exc}): start it "
+            "(`make up` does; docker-compose's spark-connect service; python deploy/spark_connect.py), or unset "
+            "FRAUD_SPARK_CONNECT_CONN_ID to run the Spark steps with spark-submit") from exc
 
 
 def executors_take_keys_from_the_task(master: str, deploy_mode: str | None) -> bool:
