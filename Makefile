@@ -47,8 +47,8 @@ lint: $(STAMP) ## ruff
 run: $(STAMP) $(JARS) ## the main job: demo lake, then the nightly pipeline for one date (DATE=YYYY-MM-DD)
 	$(PY) -m jobs.demo $(if $(DATE),--date $(DATE))
 
-up: $(STAMP) $(JARS) ## start Airflow locally with the DAG ready in the UI (PROFILE=celery: PostgreSQL, Redis, Celery)
-	$(PY) deploy/local_airflow.py $(if $(PROFILE),--profile $(PROFILE))
+up: $(STAMP) $(JARS) ## start Airflow and a warm Spark locally, the DAG ready in the UI (PROFILE=celery: PostgreSQL, Redis, Celery; SPARK=submit: spark-submit per step)
+	$(PY) deploy/local_airflow.py $(if $(PROFILE),--profile $(PROFILE)) $(if $(SPARK),--spark $(SPARK))
 
 QUALITY_LAKE ?= file://$(CURDIR)/.quality-lake
 QUALITY_LAKE_REALISTIC ?= file://$(CURDIR)/.quality-lake-realistic

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "hot_key": "bench.hot_key",
     "scale": "bench.scale",
     "nightly": "bench.nightly",
+    "memory": "bench.memory",
 }
 
 

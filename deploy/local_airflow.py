@@ -194,6 +194,12 @@ class LocalAirflow:
             # the launcher's DAG is unpaused at once: without this the scheduler would start every
             # night since FRAUD_FIRST_DATE beside the runs asked for (set it to true to see catch-up)
             "FRAUD_CATCHUP": os.environ.get("FRAUD_CATCHUP", "false"),
+            # a waiting sensor's trigger looks at the lake every 5 s, not every 30 s: on a local lake a look
+            # is a file listing, and a backfill's next night starts that much sooner after the one it waits for
+            "FRAUD_POKE_SECONDS": os.environ.get("FRAUD_POKE_SECONDS", "5"),
+            # a task's slot is free within 1 s of its end, not 5: the supervisor otherwise notices its
+            # process's exit only at its next heartbeat wake-up
+            "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),

@@ -121,8 +121,9 @@ def test_operators_and_trigger_rules(dag):
         assert isinstance(task, SparkSubmitOperator)
         assert task.application == f"jobs/spark/{job}.py"
         assert task._conn_id == "spark_default"
-    assert dag.get_task("wait_for_landing").mode == "reschedule"
-    assert dag.get_task("wait_for_clean_history").mode == "reschedule"
+        assert task.connect_conn_id is None  # spark-submit unless FRAUD_SPARK_CONNECT_CONN_ID names a server
+    for sensor in ("wait_for_landing", "wait_for_clean_history", "wait_for_decision"):
+        assert dag.get_task(sensor).deferrable  # a waiting sensor's looks run in the triggerer
     assert dag.get_task("wait_for_decision").trigger_rule == "none_failed_min_one_success"
     assert dag.get_task("report").trigger_rule == "all_done"  # reports a day whose steps failed, with why
     assert dag.get_task("score").skip_on_exit_code == (99,)
@@ -206,3 +207,10 @@ def _validated(dag, conf: dict) -> dict:
     for key, value in conf.items():
         params[key] = value  # validates the value against the Param's JSON schema
     return params.validate()
+
+
+def test_the_spark_steps_follow_the_spark_connect_setting_and_the_sensors_their_mode():
+    dag = load_dag(FRAUD_SPARK_CONNECT_CONN_ID="spark_connect_default", FRAUD_SENSOR_MODE="reschedule")
+    assert {dag.get_task(t).connect_conn_id for t in ("clean", "features")} == {"spark_connect_default"}
+    landing = dag.get_task("wait_for_landing")
+    assert landing.mode == "reschedule" and not landing.deferrable

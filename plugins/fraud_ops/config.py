@@ -54,8 +54,9 @@ ENV_DOC = {
                                   "report, default: every other task and each sensor poke; missing keys keep their "
                                   "defaults: clean 90, features 120, train 240, score 60, report 30, default 10), "
                                   "or one number for every task",
-    "FRAUD_POKE_SECONDS": "how often sensors look (default 120)",
-    "FRAUD_SENSOR_MODE": "reschedule (a waiting sensor frees its worker slot; the default) or poke",
+    "FRAUD_POKE_SECONDS": "how often a waiting sensor looks at the lake (default 30; `make up`: 5)",
+    "FRAUD_SENSOR_MODE": "deferrable (the default: a waiting sensor hands the wait to the triggerer, which looks at "
+                         "the lake every FRAUD_POKE_SECONDS), reschedule (each look a short task) or poke",
     "FRAUD_LANDING_TIMEOUT_HOURS": "how long to wait for the landing _SUCCESS (default 12)",
     "FRAUD_WAIT_TIMEOUT_HOURS": "how long to wait for history partitions and decisions (default 24)",
     "FRAUD_GATE_MAX_QUARANTINE_SHARE": "fail the run if quarantined/rows_in exceeds this (default 0.05)",
@@ -131,6 +132,14 @@ class GateThresholds:
 
 
 RUNNERS = ("local", "docker", "kubernetes")
+SENSOR_MODES = ("deferrable", "reschedule", "poke")
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _env(name, default).lower()
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
 
 
 def orchestration() -> Orchestration:
@@ -158,8 +167,8 @@ def orchestration() -> Orchestration:
         retries=int(_env("FRAUD_RETRIES", "2")),
         retry_delay_seconds=int(_env("FRAUD_RETRY_DELAY_SECONDS", "60")),
         task_timeout_minutes=_task_timeouts(_env("FRAUD_TASK_TIMEOUT_MINUTES", "{}")),
-        poke_seconds=int(_env("FRAUD_POKE_SECONDS", "120")),
-        sensor_mode=_env("FRAUD_SENSOR_MODE", "reschedule"),
+        poke_seconds=int(_env("FRAUD_POKE_SECONDS", "30")),
+        sensor_mode=_choice("FRAUD_SENSOR_MODE", "deferrable", SENSOR_MODES),
         landing_timeout_hours=float(_env("FRAUD_LANDING_TIMEOUT_HOURS", "12")),
         wait_timeout_hours=float(_env("FRAUD_WAIT_TIMEOUT_HOURS", "24")),
         notify_webhook_url=os.environ.get("FRAUD_NOTIFY_WEBHOOK_URL") or None,
