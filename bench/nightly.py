@@ -94,7 +94,9 @@ class Stack:
         self.connect = None
         if mode == "connect":
             self.connect = SparkConnectServer(root / f"connect-{mode}", port=free_port(), env=env)
-        self.af = LocalAirflow(root / f"airflow-{mode}", self.lake.as_uri(), extra_env=SETTINGS,
+        from local_airflow import LOCAL_SLOTS
+
+        self.af = LocalAirflow(root / f"airflow-{mode}", self.lake.as_uri(), extra_env=SETTINGS, parallelism=LOCAL_SLOTS,
                                spark_connect=None if self.connect is None else f"127.0.0.1:{self.connect.port}")
 
     def __enter__(self) -> Stack:
@@ -322,12 +324,14 @@ def nightly_table(spans: dict, tasks: dict, modes: list[str], customers: int, te
     rows.append(["**run: first task start to report end**",
                  *[f"**{spans[mode, day]:.1f} s**" for mode in modes for day in (TRAINING_DAY, PLAIN_DAY)]])
     rows.append(["target", *["<= 45 s" if day == PLAIN_DAY else "" for _ in modes for day in (TRAINING_DAY, PLAIN_DAY)]])
+    from local_airflow import LOCAL_SLOTS as slots
+
     end = os.getloadavg()
     rows_a_day = "about 9,700" if customers == 5000 else "about 970"
     note = (f"`python -m bench nightly`: {customers:,} customers, {terminals:,} terminals ({rows_a_day} transactions a "
             f"day), history from {FIRST} published by the range commands ({built:.0f} s); each mode on its own copy of "
-            f"that lake and its own Airflow (API server, DAG processor, scheduler; SQLite, LocalExecutor, parallelism "
-            f"2), runs triggered through the REST API one after the other. submit: a spark-submit per Spark step "
+            f"that lake and its own Airflow as `make up` runs it (API server, DAG processor, scheduler, triggerer; "
+            f"SQLite, LocalExecutor, {slots} task slots), runs triggered through the REST API one after the other. submit: a spark-submit per Spark step "
             f"(local[2]); connect: the Spark steps are clients of one Spark Connect server (local[2]) started with "
             f"the stack, as `make up` does. Load average (1/5/15 min): start {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, "
             f"end {end[0]:.1f}/{end[1]:.1f}/{end[2]:.1f}.")

@@ -138,6 +138,11 @@ def celery_environment(database_url: str, broker_url: str, concurrency: int) -> 
     }
 
 
+# Task slots of `make up`: on a warm Spark the Spark tasks are clients (the work is in the server) and
+# the sensors' resumes take a second, so four slots on two cores keep the cores busy in a backfill.
+LOCAL_SLOTS = 4
+
+
 def spark_connect_environment(address: str) -> dict[str, str]:
     """The Spark steps on the Spark Connect server at ``host:port``, through the Connection
     ``spark_connect_default``: what ``make up`` and docker-compose set."""
@@ -194,9 +199,9 @@ class LocalAirflow:
             # the launcher's DAG is unpaused at once: without this the scheduler would start every
             # night since FRAUD_FIRST_DATE beside the runs asked for (set it to true to see catch-up)
             "FRAUD_CATCHUP": os.environ.get("FRAUD_CATCHUP", "false"),
-            # a waiting sensor's trigger looks at the lake every 5 s, not every 30 s: on a local lake a look
+            # a waiting sensor's trigger looks at the lake every 2 s, not every 30 s: on a local lake a look
             # is a file listing, and a backfill's next night starts that much sooner after the one it waits for
-            "FRAUD_POKE_SECONDS": os.environ.get("FRAUD_POKE_SECONDS", "5"),
+            "FRAUD_POKE_SECONDS": os.environ.get("FRAUD_POKE_SECONDS", "2"),
             # a task's slot is free within 1 s of its end, not 5: the supervisor otherwise notices its
             # process's exit only at its next heartbeat wake-up
             "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
@@ -454,7 +459,7 @@ def main() -> int:
         connect = SparkConnectServer(home / "spark-connect", port=port, env={**os.environ, "FRAUD_LAKE_URI": args.lake},
                                      driver_memory=os.environ.get("FRAUD_SPARK_DRIVER_MEMORY", "4g")).start()
         services.append(connect)
-    af = LocalAirflow(home, args.lake, port=args.port, password=password, celery=celery,
+    af = LocalAirflow(home, args.lake, port=args.port, password=password, celery=celery, parallelism=LOCAL_SLOTS,
                       spark_connect=f"{connect.host}:{connect.port}" if connect else None)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped by a process manager: stop what was started
     try:

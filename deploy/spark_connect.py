@@ -160,8 +160,13 @@ def port_open(host: str, port: int) -> bool:
 
 
 def main() -> int:
+    import argparse
+
     from jobs.common.config import settings
 
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Settings: SPARK_CONNECT_HOST (127.0.0.1), "
+                            "SPARK_CONNECT_PORT (15002), SPARK_CONNECT_DIR (.spark-connect), FRAUD_SPARK_MASTER, "
+                            "FRAUD_SPARK_DRIVER_MEMORY and the lake's store settings.").parse_args()
     cfg = settings()
     server = SparkConnectServer(
         Path(os.environ.get("SPARK_CONNECT_DIR", ".spark-connect")).resolve(),

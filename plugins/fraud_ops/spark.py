@@ -154,7 +154,6 @@ class SparkJobOperator(SparkSubmitOperator):
             with step_process_environment(store):
                 return super().execute(context)
 
-
     def execute_on_connect(self, root: Path) -> None:
         """``python jobs/spark/<job>.py ...`` as a client of the Spark Connect server of the
         Connection: its output streams into the task log, a failure raises with the line that says why."""
