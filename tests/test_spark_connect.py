@@ -73,29 +73,37 @@ def _content(lake: Lake, dataset: str, day):
     return table.sort_by([(k, "ascending") for k in keys]).to_pylist() if keys else table.to_pylist()
 
 
+CLIENT_CHECK = """
+import sys
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+spark = SparkSession.builder.remote(sys.argv[1]).getOrCreate()
+frame = spark.range(4).select(F.col("id").cast("long").alias("x"))
+plus_one = F.udf(lambda x: x + 1, T.LongType())
+print("UDF", [r.y for r in frame.select(plus_one("x").alias("y")).orderBy("y").collect()])
+
+def doubled(batches):
+    for batch in batches:
+        yield pa.RecordBatch.from_arrays([pc.multiply(batch.column("x"), 2)], names=["x"])
+
+print("ARROW", [r.x for r in frame.mapInArrow(doubled, "x long").orderBy("x").collect()])
+print("CORES", spark.conf.get("spark.default.parallelism"))
+"""
+
+
 def test_python_workers_of_the_server_run_map_in_arrow_and_udfs(connect_server):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    from pyspark.sql import SparkSession
-    from pyspark.sql import functions as F
-    from pyspark.sql import types as T
-
-    spark = SparkSession.builder.remote(connect_server.url).getOrCreate()
-    try:
-        frame = spark.range(4).select(F.col("id").cast("long").alias("x"))
-        plus_one = F.udf(lambda x: x + 1, T.LongType())
-        assert [r.y for r in frame.select(plus_one("x").alias("y")).orderBy("y").collect()] == [1, 2, 3, 4]
-
-        def doubled(batches):
-            for batch in batches:
-                yield pa.RecordBatch.from_arrays([pc.multiply(batch.column("x"), 2)], names=["x"])
-
-        assert [r.x for r in frame.mapInArrow(doubled, "x long").orderBy("x").collect()] == [0, 2, 4, 6]
-        assert int(spark.conf.get("spark.default.parallelism")) == 2  # what the jobs ask in place of the context
-    finally:
-        spark.stop()
-        # the client marked this process as Spark Connect mode: the spark-submits of later tests must not inherit it
-        os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
+    # a client of its own: a process that already holds a classic session (the suite's) cannot open a remote one
+    done = subprocess.run([sys.executable, "-c", CLIENT_CHECK, connect_server.url], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.split(" ", 1)[0] in ("UDF", "ARROW", "CORES"))
+    assert said["UDF"] == "[1, 2, 3, 4]"
+    assert said["ARROW"] == "[0, 2, 4, 6]"
+    assert said["CORES"] == "2"  # what the jobs ask in place of the SparkContext
 
 
 def test_jobs_on_the_server_publish_what_spark_submit_publishes(connect_server, small_inline_lake, small_env,
