@@ -328,15 +328,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.first_date:
         cal = replace(cal, first_date=args.first_date)
     try:  # before starting Spark: a run that must wait for its inputs fails fast
-        find_inputs(lake, args.days, cal)
+        inputs_by_batch = [find_inputs(lake, batch, cal) for batch in batches(args.days, settings().range_batch_days)]
     except MissingInputs as exc:
         return not_done(STEP, args.days, f"{exc}; nothing written", code=EXIT_WAITING)
     spark = get_spark(f"{STEP} {format_days(args.days)}")
-    for batch in batches(args.days, settings().range_batch_days):  # memory bounded by a batch
-        try:
-            inputs = find_inputs(lake, batch, cal)
-        except MissingInputs as exc:  # the history changed under the run
-            return not_done(STEP, [d for d in args.days if d >= batch[0]], exc, failed_on=batch[0], lake=lake)
+    for inputs in inputs_by_batch:  # memory bounded by a batch
+        batch = inputs.days
         code = run(spark, lake, inputs, cal)
         if code != EXIT_OK:
             later = [d for d in args.days if d > batch[-1]]

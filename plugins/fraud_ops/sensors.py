@@ -42,6 +42,15 @@ def landing_datasets() -> list[str]:
     return [d for d in landing if d != Dataset.LANDING_LABELS or settings().label_feed]
 
 
+def expected_days(steps: Sequence[str], dataset: str, day: date, window_days: int | str | None) -> list[date]:
+    """The days of ``dataset`` that ``steps`` read for ``day`` and that exist (on or after the first date)."""
+    from jobs.common.calendar import calendar
+    from jobs.common.contracts import required_days
+
+    window = int(window_days) if window_days not in (None, "") else None
+    return required_days(tuple(steps), dataset, [day], calendar(), window)
+
+
 def awaiting(kind: str, lake_uri: str, day: str, aws_conn_id: str | None = None, **arguments) -> str | None:
     """What the sensor ``kind`` ("landing", "inputs" or "decision") still waits for on ``lake_uri``
     for ``day``, in words, or None once everything is there."""
@@ -53,13 +62,8 @@ def awaiting(kind: str, lake_uri: str, day: str, aws_conn_id: str | None = None,
         waiting = [ds for ds in landing_datasets() if not lake.landing_ready(d, ds)]
         return f"landing of {day} not complete yet (no _SUCCESS) in {lake_uri}: {', '.join(waiting)}" if waiting else None
     if kind == "inputs":
-        from jobs.common.calendar import calendar
-        from jobs.common.contracts import required_days
-
-        window = arguments.get("window_days")
-        window = int(window) if window not in (None, "") else None
         dataset = arguments["dataset"]
-        expected = required_days(tuple(arguments["steps"]), dataset, [d], calendar(), window)
+        expected = expected_days(arguments["steps"], dataset, d, arguments.get("window_days"))
         missing = lake.awaited(dataset, expected)  # an abandoned day is not waited for
         return f"waiting for {len(missing)} unpublished {dataset} partitions: {format_days(missing)}" if missing else None
     if kind == "decision":
@@ -151,11 +155,7 @@ class InputsSensor(_LakeSensor):
         return {"steps": list(self.steps), "dataset": self.dataset, "window_days": self.window_days}
 
     def expected_days(self) -> list[date]:
-        from jobs.common.calendar import calendar
-        from jobs.common.contracts import required_days
-
-        window = int(self.window_days) if self.window_days not in (None, "") else None
-        return required_days(self.steps, self.dataset, [_day(self.day)], calendar(), window)
+        return expected_days(self.steps, self.dataset, _day(self.day), self.window_days)
 
 
 class DecisionSensor(_LakeSensor):
