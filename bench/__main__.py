@@ -14,6 +14,7 @@ BENCHMARKS = {
     "scale": "bench.scale",
     "nightly": "bench.nightly",
     "memory": "bench.memory",
+    "gpu": "bench.gpu",
 }
 
 

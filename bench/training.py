@@ -75,8 +75,12 @@ def reference_loop(model: nn.Module, data: TrainingData, max_seconds: float) -> 
 
 
 def handbook_dropout(model: nn.Module) -> nn.Module:
-    """The same model with torch's own nn.Dropout, as the handbook has it."""
-    model.mlp.net = nn.Sequential(*(nn.Dropout(m.p) if isinstance(m, ByteDropout) else m for m in model.mlp.net))
+    """The same model with torch's own nn.Dropout wherever ours has ByteDropout, as the handbook has it."""
+    for module in list(model.modules()):
+        if isinstance(module, nn.Sequential):
+            for i, m in enumerate(module):
+                if isinstance(m, ByteDropout):
+                    module[i] = nn.Dropout(m.p)
     return model
 
 

@@ -188,3 +188,32 @@ def test_folded_chunked_scoring_matches_the_scorer_module():
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
     assert np.array_equal(predict_columns(loaded, cols, workers=2, chunk=700),
                           predict_columns(loaded, cols, workers=1, chunk=700))  # scheduling-independent
+
+
+@pytest.mark.parametrize("kind", ["mlp", "seq"])
+def test_the_accelerator_path_scores_as_the_cpu_path(tmp_path, kind):
+    """``predict_on`` (the GPU scorer) runs the same module in large batches; on the CPU here, in
+    batches that split the frame unevenly, it gives ``predict``'s scores within float32 rounding."""
+    from jobs.common.calendar import Calendar
+    from jobs.torch.data import read_for_model
+    from jobs.torch.model import InputTransform, build_model, scorer_for
+    from jobs.torch.predict import predict, predict_on
+
+    lake = Lake.from_uri(tmp_path.as_uri())
+    days = [FIRST + timedelta(days=i) for i in range(16)]
+    for day in days:
+        publish_synthetic(lake, day, synthetic_features(day, 400, cards=60))
+    cfg = ModelConfig(kind=kind, hidden=[32], lookback_days=7, terminal_len=3 if kind == "seq" else 0,
+                      terminal_lookback_days=14, label_delay_days=7)
+    frame, history = read_for_model(lake, days[-2:], cfg, Calendar(FIRST))
+    torch.manual_seed(1)
+    loaded = Loaded("v", cfg, scorer_for(cfg, InputTransform.fit(torch.from_numpy(frame.x)), build_model(cfg)).eval())
+    expected = predict(loaded, frame, history)
+    got = predict_on("cpu", loaded, frame, history, batch_size=333)
+    assert got.shape == (800,) and got.dtype == np.float64
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    assert np.unique(got.round(4)).size > 100  # a model that scores, not a constant
+    assert next(loaded.scorer.parameters()).device.type == "cpu"  # the loaded model is not moved
+    if kind == "seq":
+        with pytest.raises(ValueError, match="needs the card history"):
+            predict_on("cpu", loaded, frame, None)
