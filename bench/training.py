@@ -36,6 +36,7 @@ from jobs.torch.train import TrainConfig
 
 FIRST = date(2018, 4, 1)
 CALENDAR = Calendar(FIRST)
+ROUNDS = 3
 
 
 class RowDataset(torch.utils.data.Dataset):
@@ -107,25 +108,26 @@ def main(flags: list[str]) -> int:
             name = f"{kind} {mcfg.hidden}, dropout {mcfg.dropout}" + (
                 f", GRU {mcfg.seq_hidden} over {mcfg.seq_len} previous rows, {mcfg.terminal_len} terminal rows"
                 if kind == "seq" else "")
-            loops = [("handbook: nn.Dropout", True)] if kind == "mlp" else []
-            loops.append(("our model (ByteDropout)", False))
-            ref_rates = []
-            for label, handbook in loops:
+            # In turns, ROUNDS times: the reference loop (handbook: nn.Dropout), then this trainer (fresh
+            # models each time); each one's best round counts, so a noisy moment on the shared cores
+            # does not decide the ratio.
+            ref_best, ours_best, ref_seen = 0.0, 0.0, (0, 0.0)
+            for _ in range(ROUNDS):
                 torch.manual_seed(0)
-                model = build_model(mcfg)
-                samples, seconds = reference_loop(handbook_dropout(model) if handbook else model, data,
-                                                  max_seconds=5 if small else 20)
-                ref_rates.append(samples / seconds)
-                rows.append([f"reference: per-row Dataset, DataLoader, Adam ({label})", name, threads, 64,
-                             f"{samples / n:.2f} ({seconds:.0f} s)", f"{samples / seconds:,.0f}", "1.0x"])
-            torch.manual_seed(0)
-            t0 = time.perf_counter()
-            fit(build_model(mcfg), data, cfg, torch.device("cpu"), Dist())
-            rate = n * cfg.epochs / (time.perf_counter() - t0)
+                samples, seconds = reference_loop(handbook_dropout(build_model(mcfg)), data,
+                                                  max_seconds=3 if small else 8)
+                if samples / seconds > ref_best:
+                    ref_best, ref_seen = samples / seconds, (samples, seconds)
+                torch.manual_seed(0)
+                t0 = time.perf_counter()
+                fit(build_model(mcfg), data, cfg, torch.device("cpu"), Dist())
+                ours_best = max(ours_best, n * cfg.epochs / (time.perf_counter() - t0))
+            rows.append(["reference: per-row Dataset, DataLoader, Adam, the handbook's nn.Dropout", name, threads, 64,
+                         f"{ref_seen[0] / n:.2f} ({ref_seen[1]:.0f} s)", f"{ref_best:,.0f}", "1.0x"])
             rows.append(["this trainer (`fit`, product defaults), Adam", name, threads, cfg.batch_size, cfg.epochs,
-                         f"{rate:,.0f}", f"**{rate / ref_rates[-1]:.1f}x**"])
-            print(f"training {kind}: reference {ref_rates[-1]:,.0f} samples/s, ours {rate:,.0f} "
-                  f"({rate / ref_rates[-1]:.1f}x)", flush=True)
+                         f"{ours_best:,.0f}", f"**{ours_best / ref_best:.1f}x**"])
+            print(f"training {kind}: reference {ref_best:,.0f} samples/s, ours {ours_best:,.0f} "
+                  f"({ours_best / ref_best:.1f}x)", flush=True)
 
             t0 = time.perf_counter()
             trained = train_model(lake, full, window, CALENDAR, torch.device("cpu"))
@@ -139,8 +141,8 @@ def main(flags: list[str]) -> int:
         [[k, f"{r:,}", e, b, threads, f"{s:.1f}", "<= 60 s"] for k, r, e, b, s in whole],
     )
     note = (f"{rows_per_day * days:,} training rows (synthetic features, {days} days; the default window is "
-            f"{defaults.window_days}; the product default model is {defaults.model}); all loops in the same process, "
-            f"one after the other, same threads; target >= 10x; learning rate {defaults.lr}. Load average "
+            f"{defaults.window_days}; the product default model is {defaults.model}); all loops in the same process "
+            f"and threads, in turns (the reference, then ours) {ROUNDS} times, each one's best round; target >= 10x; learning rate {defaults.lr}. Load average "
             f"(1/5/15 min) on the 2 cores: start {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, end {end_load[0]:.1f}/"
             f"{end_load[1]:.1f}/{end_load[2]:.1f}.")
     print(table)

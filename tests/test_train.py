@@ -352,6 +352,33 @@ def test_fused_relu_dropout_gives_the_values_and_gradients_of_relu_then_dropout(
     assert 0.3 < float((fused > 0).float().mean()) < 0.5  # ~half positive, ~80% of those kept
 
 
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_the_fused_one_hidden_layer_mlp_trains_as_the_layer_by_layer_one(input_grad):
+    """The MLP's fused training path (one hidden layer, CPU) gives the logits and every gradient of
+    Linear -> ReLU -> ByteDropout -> Linear with the same random bytes (the sequence head needs the
+    input's gradient too); eval mode is the plain module."""
+    from jobs.torch.model import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(30, [64], 0.2).train()
+    x = torch.randn(500, 30, requires_grad=input_grad)
+    upstream = torch.randn(500)
+    params = list(mlp.parameters()) + ([x] if input_grad else [])
+    torch.manual_seed(4)
+    fused = mlp(x)
+    grads_fused = torch.autograd.grad(fused, params, upstream)
+    net = list(mlp.net)
+    torch.manual_seed(4)
+    layered = net[3](net[2](net[1](net[0](x)))).squeeze(-1)
+    grads_layered = torch.autograd.grad(layered, params, upstream)
+    assert fused.grad_fn is not None and "OneHiddenLayer" in type(fused.grad_fn).__name__  # the fused path ran
+    torch.testing.assert_close(fused, layered, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads_fused, grads_layered, strict=True):
+        assert float(want.abs().max()) > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert "OneHiddenLayer" not in type(mlp.eval()(x).grad_fn).__name__  # eval: no dropout, the plain layers
+
+
 def test_an_ensemble_is_stored_as_one_wider_mlp_with_the_mean_logit():
     from jobs.torch.model import ModelConfig, build_model
 
