@@ -29,7 +29,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONPATH=/opt/fraud \
     AIRFLOW__CORE__DAGS_FOLDER=/opt/fraud/dags \
     AIRFLOW__CORE__PLUGINS_FOLDER=/opt/fraud/plugins \
-    AIRFLOW__CORE__LOAD_EXAMPLES=False
+    AIRFLOW__CORE__LOAD_EXAMPLES=False \
+    AIRFLOW__CORE__LAZY_LOAD_PLUGINS=False
 # tini reaps the children of Airflow and Spark; curl answers the healthchecks.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends tini procps curl ca-certificates \

@@ -205,6 +205,9 @@ class LocalAirflow:
             # a task's slot is free within 1 s of its end, not 5: the supervisor otherwise notices its
             # process's exit only at its next heartbeat wake-up
             "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+            # plugins/fraud_preload.py loaded when each process starts: the tasks forked from the
+            # scheduler's workers find the task runner and the DAG file's imports already loaded
+            "AIRFLOW__CORE__LAZY_LOAD_PLUGINS": "False",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),

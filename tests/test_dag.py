@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import sys
 from datetime import UTC, timedelta
 from pathlib import Path
@@ -214,3 +215,28 @@ def test_the_spark_steps_follow_the_spark_connect_setting_and_the_sensors_their_
     assert {dag.get_task(t).connect_conn_id for t in ("clean", "features")} == {"spark_connect_default"}
     landing = dag.get_task("wait_for_landing")
     assert landing.mode == "reschedule" and not landing.deferrable
+
+
+def test_airflow_processes_of_the_stack_hold_what_a_task_imports_before_they_fork_it(tmp_path):
+    """The local stack's settings make every Airflow process load plugins/fraud_preload.py at start, so
+    the task runner and the DAG file's imports (fraud_ops, the Spark provider) are already loaded in
+    the processes tasks are forked from; the image and compose set the same."""
+    import json
+    import subprocess
+
+    sys.path.insert(0, str(REPO / "deploy"))
+    from local_airflow import LocalAirflow
+
+    af = LocalAirflow(tmp_path / "af", (tmp_path / "lake").as_uri())
+    probe = ("import sys, json, airflow; from airflow import plugins_manager as pm; "
+             "print(json.dumps({'plugins': [p.name for p in pm._get_plugins()[0]], "
+             "'modules': [m for m in ('fraud_ops.spark', 'fraud_ops.sensors', "
+             "'airflow.sdk.execution_time.task_runner', "
+             "'airflow.providers.apache.spark.operators.spark_submit') if m in sys.modules]}))")
+    out = subprocess.run([sys.executable, "-c", probe], env=af.env, capture_output=True, text=True, timeout=120,
+                         check=True)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "fraud_preload" in seen["plugins"]
+    assert len(seen["modules"]) == 4, seen
+    for deployment in ("Dockerfile", "docker-compose.yaml"):
+        assert re.search(r"AIRFLOW__CORE__LAZY_LOAD_PLUGINS[=:] *\"?False", (REPO / deployment).read_text()), deployment
