@@ -54,6 +54,10 @@ class FeatureFrame:
     def take(self, index: np.ndarray) -> FeatureFrame:
         return FeatureFrame(*(getattr(self, n)[index] for n in _FRAME_FIELDS))
 
+    def rows(self, start: int, stop: int) -> FeatureFrame:
+        """Rows start .. stop - 1 as views of this frame's arrays (no copy)."""
+        return FeatureFrame(*(getattr(self, n)[start:stop] for n in _FRAME_FIELDS))
+
     @staticmethod
     def concat(frames: Sequence[FeatureFrame]) -> FeatureFrame:
         return FeatureFrame(*(np.concatenate([getattr(f, n) for f in frames]) for n in _FRAME_FIELDS))
@@ -226,12 +230,15 @@ def order_by_key_time(key: np.ndarray, time: np.ndarray, txid: np.ndarray) -> Ke
     return KeyTimeOrder(order, key[order], time[order], None)
 
 
-def build_history(target: FeatureFrame, history: FeatureFrame, k: int) -> CardHistory:
+def build_history(target: FeatureFrame, history: FeatureFrame, k: int, pool: FeatureFrame | None = None
+                  ) -> CardHistory:
     """Link every target row to its card's previous k rows among history + target rows.
 
     Order within a card: time, then transaction id (rows at the same second are ordered by id).
+    ``pool``: history and target already as one frame, in that order (``target`` and ``history`` are
+    then views of it), so the rows are not copied again.
     """
-    pool = FeatureFrame.concat([history, target])
+    pool = FeatureFrame.concat([history, target]) if pool is None else pool
     n_hist = len(history)
     order = order_by_key_time(pool.card, pool.time_us, pool.txid).order
     rank = np.empty_like(order)
@@ -337,9 +344,15 @@ def read_for_model(lake: Lake, days: Sequence[date], cfg, cal: Calendar, labels_
     operator abandoned (``Lake.abandon``); other ones must be published (a missing one is "not yet
     written", never "no history").
     """
-    target = read_features(lake, days)
     seq = cfg.kind == "seq"
     wanted = lake.readable(Dataset.FEATURES, cal.expected(history_days(days, cfg.lookback_days))) if seq else []
+    # history days and target days read as one frame (history first): the sequence model's pool of
+    # rows is then built once, not read into two frames and copied into a third
+    target_table = read_feature_table(lake, days)
+    history_table = read_feature_table(lake, wanted) if wanted else None
+    n_hist = history_table.num_rows if history_table is not None else 0
+    pool = frame_from_table(pa.concat_tables([history_table, target_table]) if n_hist else target_table)
+    target = pool.rows(n_hist, len(pool))
     older = ([d for d in lake.readable(Dataset.FEATURES, cal.expected(history_days(days, cfg.terminal_lookback_days)))
               if d not in wanted] if seq and cfg.terminal_len else [])
     events = None
@@ -351,10 +364,10 @@ def read_for_model(lake: Lake, days: Sequence[date], cfg, cal: Calendar, labels_
         attach_targets(target, events, labels_as_of)
     if not seq:
         return target, None
-    history = read_features(lake, wanted) if wanted else target.take(np.zeros(0, np.int64))
-    out = build_history(target, history, cfg.seq_len)
+    history = pool.rows(0, n_hist)
+    out = build_history(target, history, cfg.seq_len, pool=pool)
     if cfg.terminal_len:  # days only the terminal history reaches: just the columns it needs
-        parts = [TerminalRows.of_frame(history), TerminalRows.of_frame(target)]
+        parts = [TerminalRows.of_frame(pool)]
         if older:
             table = lake.read_days(Dataset.FEATURES, older, schema=FEATURE_SCHEMA, columns=list(TerminalRows.COLUMNS))
             parts.insert(0, TerminalRows.of_table(table))
