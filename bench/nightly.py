@@ -154,6 +154,77 @@ class Stack:
         return {t["task_id"]: t for t in self.af.task_instances("fraud_nightly", run_id)}
 
 
+CPU_CLASSES = (  # (class, words of the command line that mark it), first match wins
+    ("Spark Connect server (JVM)", ("SparkConnectServer",)),
+    ("Spark Python workers", ("pyspark.daemon", "pyspark.worker")),
+    ("step clean (Spark client)", ("jobs/spark/clean.py",)),
+    ("step features (Spark client)", ("jobs/spark/features.py",)),
+    ("step train", ("jobs.torch.train",)),
+    ("step score", ("jobs.torch.score",)),
+    ("step report", ("jobs.report",)),
+    ("Airflow scheduler (and its executor workers)", ("airflow scheduler", "LocalExecutor <idle>")),
+    ("Airflow API server", ("api-server", "api_server", "uvicorn")),
+    ("Airflow triggerer", ("triggerer",)),
+    ("Airflow DAG processor", ("dag-processor", "dag_processor")),
+    ("Airflow task processes (supervisor, task runner, sensors, gates)", ("airflow",)),
+)
+
+
+class CpuSampler:
+    """CPU seconds by kind of process while a backfill runs: every process's user + system time is
+    read every ``every`` seconds and its last reading kept, so a process that lives shorter than one
+    interval can be missed (the totals are a lower bound; the "unseen" line compares them with the
+    machine's own count)."""
+
+    def __init__(self, every: float = 0.5):
+        import threading
+
+        self.every, self.seen, self.stop_event = every, {}, threading.Event()
+        self.before: dict[tuple, float] = {}  # processes already running: their CPU before the start
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _classify(self, cmdline: list[str]) -> str | None:
+        text = " ".join(cmdline)
+        return next((name for name, words in CPU_CLASSES if any(w in text for w in words)), None)
+
+    def _sample(self) -> dict[tuple, tuple[str, float]]:
+        import psutil
+
+        out = {}
+        for proc in psutil.process_iter(["pid", "cmdline", "cpu_times", "create_time"]):
+            info = proc.info
+            times = info.get("cpu_times")
+            kind = self._classify(info.get("cmdline") or [])
+            if times is not None and kind is not None:
+                out[info["pid"], info["create_time"]] = (kind, times.user + times.system)
+        return out
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(self.every):
+            self.seen.update(self._sample())
+
+    def __enter__(self) -> CpuSampler:
+        import psutil
+
+        self.before = {key: seconds for key, (_, seconds) in self._sample().items()}
+        self.machine_start = sum(psutil.cpu_times()[:3])  # user, nice, system of all cores
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import psutil
+
+        self.stop_event.set()
+        self.thread.join()
+        self.machine = sum(psutil.cpu_times()[:3]) - self.machine_start
+
+    def by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for key, (kind, seconds) in self.seen.items():
+            out[kind] += seconds - self.before.get(key, 0.0)
+        return dict(out)
+
+
 def run_span(tasks: dict[str, dict]) -> float:
     """Seconds from the first task's start to the end of report."""
     starts = [parse_time(t["start_date"]) for t in tasks.values() if t["start_date"]]
@@ -188,9 +259,10 @@ def backfill(root: Path, lake: Path, modes: list[str], count: int) -> dict:
         with Stack(root / "backfill", lake, mode) as stack:
             first, last = TRAINING_DAY, TRAINING_DAY + timedelta(days=count - 1)
             started = time.monotonic()
-            backfill_id = stack.af.backfill("fraud_nightly", "--from-date", first.isoformat(),
-                                            "--to-date", last.isoformat())
-            runs = stack.af.wait_for_backfill("fraud_nightly", backfill_id, timeout=4 * 3600)
+            with CpuSampler() as cpu:
+                backfill_id = stack.af.backfill("fraud_nightly", "--from-date", first.isoformat(),
+                                                "--to-date", last.isoformat())
+                runs = stack.af.wait_for_backfill("fraud_nightly", backfill_id, timeout=4 * 3600)
             wall = time.monotonic() - started
             runs = [r for r in runs if r["run_type"] == "backfill"]
             tasks = [t for r in runs for t in stack.af.task_instances("fraud_nightly", r["dag_run_id"])]
@@ -208,6 +280,7 @@ def backfill(root: Path, lake: Path, modes: list[str], count: int) -> dict:
                 "span": (max(ends) - min(starts)).total_seconds(), "wall": wall,
                 "mean": {k: sum(v) / len(v) for k, v in by_task.items()},
                 "lake": stack.lake, "days": days(first, count),
+                "cpu": cpu.by_kind(), "cpu_machine": cpu.machine,
             }
             print(f"[backfill] {mode}: {results[mode]['span']:.0f} s for {len(runs)} runs", flush=True)
     return results
@@ -356,7 +429,19 @@ def backfill_table(results: dict, modes: list[str], count: int, load: tuple[floa
             f"sensors are deferred to it), each mode on a fresh copy of the lake and a fresh Airflow. \"mean\" columns: "
             f"a task's average duration (the fixed cost of a Spark step is most of it at this size). Load average: "
             f"start {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, end {end[0]:.1f}/{end[1]:.1f}/{end[2]:.1f}.")
-    return markdown_table(header, rows) + "\n\n" + note
+    cpu_rows = []
+    kinds = [name for name, _ in CPU_CLASSES]
+    for kind in kinds:
+        cpu_rows.append([kind, *[f"{results[m]['cpu'].get(kind, 0.0):.0f} s "
+                                 f"({results[m]['cpu'].get(kind, 0.0) / count:.1f} s a night)" for m in modes]])
+    seen = {m: sum(results[m]["cpu"].values()) for m in modes}
+    cpu_rows.append(["all of the above", *[f"{seen[m]:.0f} s ({seen[m] / count:.1f} s a night)" for m in modes]])
+    cpu_rows.append(["the machine's own count (all processes; the rest: processes shorter than a sample, "
+                     "the benchmark itself, the system)",
+                     *[f"{results[m]['cpu_machine']:.0f} s, {results[m]['cpu_machine'] / results[m]['wall']:.2f} "
+                       f"cores busy on average" for m in modes]])
+    cpu_table = markdown_table(["CPU seconds while the backfill ran (user + system)", *modes], cpu_rows)
+    return markdown_table(header, rows) + "\n\n" + note + "\n\n" + cpu_table
 
 
 if __name__ == "__main__":
