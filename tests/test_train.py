@@ -282,6 +282,18 @@ def test_terminal_history_holds_only_matured_rows_of_the_same_terminal_oldest_fi
     assert not hist[2].any()
 
 
+def test_the_key_time_order_breaks_same_instant_ties_by_transaction_id():
+    from jobs.torch.data import order_by_key_time
+
+    rng = np.random.default_rng(3)
+    n = 50_000
+    key, time = rng.integers(0, 300, n), rng.integers(0, 400, n) * 1_000_000  # many same-instant ties
+    txid = rng.permutation(n).astype(np.int64) + 10**9
+    by = order_by_key_time(key, time, txid)
+    assert np.array_equal(by.order, np.lexsort((txid, time, key)))
+    assert np.all(np.diff(by.code) >= 0) and np.array_equal(by.key, key[by.order])
+
+
 def test_history_lookups_agree_with_the_three_key_sort_used_when_codes_would_overflow(monkeypatch):
     from jobs.torch import data as D
 
