@@ -21,7 +21,6 @@ import os
 import tempfile
 import time
 from dataclasses import replace
-from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +28,15 @@ import torch
 
 from bench import markdown_table, write_section
 from bench.scoring import big_day
-from bench.training import handbook_dropout, reference_loop
-from jobs.common.calendar import Calendar
-from jobs.common.lake import Dataset, Lake
+from bench.training import CALENDAR, FIRST, handbook_dropout, reference_loop, synthetic_window
+from jobs.common.lake import Lake
 from jobs.torch.checkpoint import checkpoint_bytes, load_version
-from jobs.torch.data import frame_from_table, read_for_model
+from jobs.torch.data import CardHistory, frame_from_table, read_for_model
 from jobs.torch.fit import Dist, fit, prepare
 from jobs.torch.model import InputTransform, build_model
 from jobs.torch.predict import predict, predict_on
-from jobs.torch.synthetic import synthetic_features
 from jobs.torch.train import TrainConfig
 
-FIRST = date(2018, 4, 1)
-CALENDAR = Calendar(FIRST)
 LARGE_BATCH = {"mlp": 1 << 16, "seq": 1 << 15}
 
 
@@ -69,9 +64,7 @@ def main(flags: list[str]) -> int:
     rows, score_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         lake = Lake.from_uri(Path(tmp).as_uri())
-        window = [FIRST + timedelta(days=i) for i in range(days)]
-        for day in window:
-            lake.write_table(Dataset.FEATURES, day, synthetic_features(day, rows_per_day, cards=50_000, fraud_rate=0.01))
+        window = synthetic_window(lake, days, rows_per_day, cards=50_000)
         for kind in ("mlp", "seq"):
             cfg = replace(defaults, lake=lake.uri, model=kind, hidden=[]).resolved()
             mcfg = cfg.model_config()
@@ -146,6 +139,5 @@ def _sync(device: torch.device) -> None:
 
 def _head(history, k: int):
     """The first ``k`` targets' history (the pool stays whole: the rows point into it)."""
-    from jobs.torch.data import CardHistory
     return CardHistory(history.pool, history.prev[:k], history.gap_days[:k],
                        None if history.terminal is None else history.terminal[:k])

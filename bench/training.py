@@ -57,6 +57,14 @@ class RowDataset(torch.utils.data.Dataset):
         return (*row, d.terminal[i], d.y[i]) if d.terminal is not None else (*row, d.y[i])
 
 
+def synthetic_window(lake: Lake, days: int, rows_per_day: int, cards: int) -> list[date]:
+    """Write ``days`` synthetic feature days from FIRST (1% fraud) into ``lake``; return those days."""
+    window = [FIRST + timedelta(days=i) for i in range(days)]
+    for day in window:
+        lake.write_table(Dataset.FEATURES, day, synthetic_features(day, rows_per_day, cards=cards, fraud_rate=0.01))
+    return window
+
+
 def reference_loop(model: nn.Module, data: TrainingData, max_seconds: float) -> tuple[int, float]:
     """Per-row DataLoader, batch 64, shuffled, Adam; returns (samples, seconds) when the time is up."""
     loader = torch.utils.data.DataLoader(RowDataset(data), batch_size=64, shuffle=True)
@@ -95,9 +103,7 @@ def main(flags: list[str]) -> int:
     rows, whole = [], []
     with tempfile.TemporaryDirectory() as tmp:
         lake = Lake.from_uri(Path(tmp).as_uri())
-        window = [FIRST + timedelta(days=i) for i in range(days)]
-        for day in window:
-            lake.write_table(Dataset.FEATURES, day, synthetic_features(day, rows_per_day, cards=5000, fraud_rate=0.01))
+        window = synthetic_window(lake, days, rows_per_day, cards=5000)
         for kind in ("mlp", "seq"):
             full = replace(defaults, lake=lake.uri, model=kind, hidden=[], threads=threads).resolved()
             cfg = replace(full, epochs=1 if small else 2)
