@@ -7,8 +7,9 @@
 3. runs the DAG ``fraud_nightly`` for D with ``airflow dags test`` (Airflow metadata on SQLite in
    ``.airflow/``, ``spark_default`` = ``local[2]``): landing sensor, Spark clean, quality gate,
    Spark features, training (D is a training day by default), scoring, report;
-4. prints a summary: rows, quality, model and metrics, matured-label performance, top alerts,
-   and where everything is.
+4. prints a summary: rows, quality, model and metrics, matured-label performance day by day, top
+   alerts and why, and where everything is, ending with the report's address in the UI (``make
+   up``) and its file.
 
 Each step is skipped when its output is already in the lake, so a second ``make run`` only reruns
 the DAG. ``make clean`` starts over.
@@ -22,13 +23,15 @@ import os
 import subprocess
 import sys
 import time
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 
 from jobs.common.config import REPO_ROOT
 
 DEFAULT_FIRST = date(2018, 4, 1)
-DEFAULT_DATE = date(2018, 4, 29)  # a training day (first date + 4 weeks): the DAG run trains too
+# A training day (first date + 8 weeks): the DAG run trains too, and the report looks back on the
+# 21 days scored from the first training day (04-29) to D-8 (05-19), whose labels have matured.
+DEFAULT_DATE = date(2018, 5, 27)
 AIRFLOW_HOME = REPO_ROOT / ".airflow"
 
 
@@ -120,10 +123,12 @@ class Demo:
         started = time.monotonic()
         af.init()
         self.timings.append(("airflow metadata (SQLite) and gpu pool", time.monotonic() - started))
+        # D goes in the run's form (the plan task takes the form's date first), with no logical date:
+        # `dags test` starts a run at its logical date, so a 2018 one would show in the UI as started
+        # in 2018 and lasting years. Without one the run is a manual run of now, timed as it runs.
         conf = json.dumps({"date": self.day.isoformat()})
-        logical = (self.day + timedelta(days=1)).isoformat()  # the run whose data interval is D
         self.run(f"nightly DAG fraud_nightly for {self.day} (airflow dags test)", [
-            "airflow", "dags", "test", "fraud_nightly", logical, "--conf", conf,
+            "airflow", "dags", "test", "fraud_nightly", "--conf", conf,
         ])  # fmt: skip
 
     # --- summary ---------------------------------------------------------------------------------
@@ -138,8 +143,9 @@ class Demo:
         print("\n" + "=" * 78)
         print(f"Nightly fraud pipeline, day {report['date']}   (lake {self.lake_uri})")
         print("=" * 78)
-        print(f"rows landed {c['rows_in']}, clean {c['clean']}, quarantined {c['quarantined']} "
-              f"{json.dumps(c['quarantined_by_reason'])}, duplicates collapsed {c['duplicates_collapsed']}")  # fmt: skip
+        reasons = ", ".join(f"{r['rows']} {r['reason']}" for r in report["quarantine"] if r["rows"]) or "none"
+        print(f"rows landed {c['rows_in']}, clean {c['clean']}, quarantined {c['quarantined']} ({reasons}), "
+              f"duplicates collapsed {c['duplicates_collapsed']}")
         verdict = "passed" if q.get("passed") else f"failed: {q.get('failures')}"
         print(f"quality gate: {verdict} (quarantine share {q.get('quarantine_share', 0):.2%}, "
               f"volume ratio {q.get('volume_ratio') or float('nan'):.2f} vs trailing median)")  # fmt: skip
@@ -150,24 +156,44 @@ class Demo:
             print(f"decision of {m.get('latest_training_day')}: {json.dumps(shown, default=str)}")
         pooled = perf.get("pooled")
         if pooled:
-            print(f"matured-label performance ({perf['days'][0]} .. {perf['days'][-1]}, {len(perf['days'])} days): "
-                  f"AUC {pooled['auc_roc']:.3f}  AP {pooled['average_precision']:.3f}  "
-                  f"CP@{k} {pooled[f'card_precision@{k}']:.3f}  ({pooled['n_fraud']} frauds / {pooled['n_transactions']} tx)")  # fmt: skip
+            print(f"matured-label performance by scored day ({len(perf['days'])} days, labels as known on D):")
+            print(f"  {'day':10s} {'tx':>6s} {'frauds':>6s} {'AUC':>6s} {'AP':>6s} {f'CP@{k}':>7s} {'alerts hit':>10s}")
+            for r in perf["per_day"] + [{**pooled, "date": "all days"}]:
+                hit = f"{r['alerts_with_fraud']}/{r['alerts']}" if r.get("alerts") else "-"
+                print(f"  {r['date']:10s} {r['n_transactions']:6d} {r['n_fraud']:6d} {r['auc_roc']:6.3f} "
+                      f"{r['average_precision']:6.3f} {r[f'card_precision@{k}']:7.3f} {hit:>10s}")
         else:
             print("matured-label performance: no scored day has matured labels yet")
-        print(f"scored {c['scored']} transactions; top alerts (of {c['alerts']}):")
+        if pooled:
+            print(f"  (CP@{k} over all days: a card caught on an earlier day is not counted again)")
+        for gap in perf.get("missing", []):
+            print(f"  no scores for {gap['date']}: {gap['reason']}")
+        drift = report.get("drift") or {}
+        if drift.get("score"):
+            print(f"drift vs the champion's training data: score PSI {drift['score']['psi']:.3f} "
+                  f"({drift['score']['verdict']}); inputs above {drift['threshold']}: "
+                  f"{', '.join(drift['drifted_inputs']) or 'none'}")
+        else:
+            print(f"drift: {drift.get('status')}")
+        print(f"scored {c['scored']} transactions; top alerts (of {c['alerts']}) and the input that moved each most:")
         for alert in report["top_alerts"][:5]:
-            print(f"  #{alert['rank']:<3} card {alert['CUSTOMER_ID']:<6} score {alert['score']:.4f}  ({alert['n_tx']} tx)")
+            why = (alert.get("attributions") or [{}])[0]
+            reason = f"{why['input']} = {why['value']:.4g} ({why['attribution']:+.2f} log-odds)" if why else "n/a"
+            print(f"  #{alert['rank']:<3} card {alert['CUSTOMER_ID']:<6} score {alert['score']:.4f}  ({alert['n_tx']} tx)  "
+                  f"{reason}")
         files = report_files(self.lake, self.day)
         print("\nwhere things are:")
-        print(f"  report page   {self.lake.to_uri(files['report.html'])}")
         print(f"  report JSON   {self.lake.to_uri(files['report.json'])}")
         print(f"  lake          {self.lake_uri}  (clean/ quarantine/ features/ models/ scores/ alerts/ reports/)")
-        print(f"  Airflow       {AIRFLOW_HOME} (SQLite metadata, task logs under logs/); `make up` for the UI")
+        print(f"  Airflow       {AIRFLOW_HOME} (SQLite metadata, task logs under logs/)")
         print("\ntimings:")
         for label, seconds in self.timings:
             print(f"  {seconds:7.1f} s  {label}")
         print(f"  {total:7.1f} s  total")
+        port = os.environ.get("FRAUD_AIRFLOW_PORT", "8080")
+        print(f"\nthe report of {self.day}:")
+        print(f"  in the UI     http://127.0.0.1:{port}/fraud-reports/{self.day}  (after `make up`)")
+        print(f"  as a file     {self.lake.to_uri(files['report.html'])}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,8 +101,8 @@ def test_the_features_job_and_the_report_follow_the_label_delay(delay_5, lake):
     assert len(inputs.files) == 36  # D-35 .. D, one file each
     assert [i["date"] for i in inputs.lineage[D]["inputs"] if i["dataset"] == Dataset.CLEAN] == [
         d.isoformat() for d in Calendar.span(D, 35)]
-    days, _ = matured_frame(lake, D, cal)
-    assert days == day_range(date(2018, 4, 27), date(2018, 5, 26))  # 30 days ending D-6
+    days, _, missing = matured_frame(lake, D, cal)
+    assert days == day_range(date(2018, 4, 27), date(2018, 5, 26)) and missing == []  # 30 days ending D-6
     assert volume_trend(lake, D, cal)[0]["date"] == "2018-04-27"  # D-35
 
 

@@ -217,3 +217,75 @@ def test_the_accelerator_path_scores_as_the_cpu_path(tmp_path, kind):
     if kind == "seq":
         with pytest.raises(ValueError, match="needs the card history"):
             predict_on("cpu", loaded, frame, None)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "seq"])
+def test_attributions_add_up_to_the_logit_above_the_average_transaction(tmp_path, kind):
+    """Integrated gradients are complete: per explained row, the attributions sum to the logit at
+    the row minus the logit at the baseline (the training means), and the logit is the scorer's."""
+    from jobs.common.calendar import Calendar
+    from jobs.common.schema import MODEL_INPUTS
+    from jobs.torch.data import read_for_model
+    from jobs.torch.explain import attribution_lists, integrated_gradients
+    from jobs.torch.model import InputTransform, build_model, scorer_for
+    from jobs.torch.predict import predict
+
+    lake = Lake.from_uri(tmp_path.as_uri())
+    days = [FIRST + timedelta(days=i) for i in range(12)]
+    for day in days:
+        publish_synthetic(lake, day, synthetic_features(day, 200, cards=40))
+    cfg = ModelConfig(kind=kind, hidden=[32], lookback_days=7, terminal_len=3 if kind == "seq" else 0,
+                      terminal_lookback_days=10, label_delay_days=7)
+    frame, history = read_for_model(lake, days[-1:], cfg, Calendar(FIRST))
+    torch.manual_seed(2)
+    loaded = Loaded("v", cfg, scorer_for(cfg, InputTransform.fit(torch.from_numpy(frame.x)), build_model(cfg)).eval())
+    rows = np.array([0, 7, 50, 199])
+    attr, logit, base = integrated_gradients(loaded, frame.x[rows], history, rows)
+    assert attr.shape == (4, len(MODEL_INPUTS))
+    np.testing.assert_allclose(1 / (1 + np.exp(-logit)), predict(loaded, frame, history)[rows], rtol=1e-5)
+    gap = logit - base
+    assert np.abs(gap).max() > 1e-3  # the rows differ from the average transaction
+    np.testing.assert_allclose(attr.sum(axis=1), gap, rtol=0.05, atol=0.01)
+    lists = attribution_lists(frame.x[rows], attr)
+    magnitudes = [abs(e["attribution"]) for e in lists[1]]
+    assert magnitudes == sorted(magnitudes, reverse=True) and len(lists[1]) == len(MODEL_INPUTS)
+    assert lists[2][0]["value"] == pytest.approx(float(frame.x[50, MODEL_INPUTS.index(lists[2][0]["input"])]))
+
+
+def test_each_alert_names_its_top_transaction_and_why(trained_lake):
+    lake = trained_lake
+    day = date(2018, 4, 21)
+    assert score.main(["--lake", lake.uri, "--date", day.isoformat(), "--k", "10"]) == 0
+    scores = lake.read_table(Dataset.SCORES, day).to_pandas().set_index("TRANSACTION_ID")
+    alerts = lake.read_table(Dataset.ALERTS, day).to_pylist()
+    assert len(alerts) == 10 and "integrated gradients" in lake.manifest(Dataset.ALERTS, day)["stats"]["attributions"]
+    for alert in alerts:
+        top = scores.loc[alert["top_transaction_id"]]
+        assert top["CUSTOMER_ID"] == alert["CUSTOMER_ID"] and top["score"] == alert["score"]
+        names = [e["input"] for e in alert["attributions"]]
+        assert sorted(names) == sorted(score.MODEL_INPUTS)
+        effects = [abs(e["attribution"]) for e in alert["attributions"]]
+        assert effects == sorted(effects, reverse=True) and effects[0] > 0
+
+
+def test_versions_trained_before_drift_references_get_one_from_their_window(trained_lake, capsys):
+    """Training stores a version's drift reference; for a version without one (trained before
+    references were kept) ``registry reference`` computes the same from its training window."""
+    import json
+
+    lake = trained_lake
+    registry = R.Registry(lake)
+    version = registry.decision(T1)["champion"]
+    stored = registry.reference(version)
+    assert stored["rows"] == json.loads(registry.read_file(version, R.METRICS))["train"]["rows"]
+    assert set(stored["inputs"]) == set(score.MODEL_INPUTS) and len(stored["score"]["shares"]) == 10
+    path = registry.version_path(version, R.REFERENCE)
+    lake.fs.delete_file(path)  # as a version trained before references were kept
+    assert registry.reference(version) is None
+    assert R.main(["--lake", lake.uri, "reference"]) == 0
+    assert f"{version}: drift reference stored" in capsys.readouterr().out
+    again = registry.reference(version)
+    assert again["rows"] == stored["rows"] and again["inputs"].keys() == stored["inputs"].keys()
+    np.testing.assert_allclose(again["score"]["cuts"], stored["score"]["cuts"], rtol=1e-6)
+    assert R.main(["--lake", lake.uri, "reference", version]) == 0
+    assert "already there" in capsys.readouterr().out

@@ -105,6 +105,7 @@ REPORT = Step(
         Read(Dataset.FEATURES, 0, required=False),
         Read(Dataset.SCORES, "report_history_days", "last_labelled_offset", required=False),
         Read(Dataset.SCORES, 0, required=False),
+        Read(Dataset.ALERTS, "report_history_days", "last_labelled_offset", required=False),  # alert precision
         Read(Dataset.ALERTS, 0, required=False),
     ),
     writes=(Dataset.REPORTS,),

@@ -178,6 +178,7 @@ SCORES_SCHEMA = pa.schema(
         pa.field("model_version", pa.string(), nullable=False),
     ]
 )
+ATTRIBUTION = pa.struct([("input", pa.string()), ("value", pa.float64()), ("attribution", pa.float64())])
 ALERTS_SCHEMA = pa.schema(
     [
         pa.field("CUSTOMER_ID", pa.int64(), nullable=False),
@@ -185,5 +186,10 @@ ALERTS_SCHEMA = pa.schema(
         pa.field("n_tx", pa.int64(), nullable=False),
         pa.field("rank", pa.int32(), nullable=False),
         pa.field("model_version", pa.string(), nullable=False),
+        # why the card is on the list (jobs.torch.explain): its top transaction, and every input of
+        # that transaction with its value and attribution, largest effect first. Null in alert
+        # lists scored before attributions were kept (rescoring the day adds them).
+        pa.field("top_transaction_id", pa.int64()),
+        pa.field("attributions", pa.list_(ATTRIBUTION)),
     ]
 )

@@ -49,13 +49,14 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from jobs.common.calendar import ONE_DAY, Calendar, TrainingSchedule, calendar, parse_day
-from jobs.common.lake import MODELS, Lake, LakeError
+from jobs.common.calendar import ONE_DAY, Calendar, TrainingSchedule, calendar, day_range, parse_day
+from jobs.common.lake import MODELS, Dataset, Lake, LakeError
 
 CHECKPOINT = "model.pt"
 EXPORT = "model_export.pt2"
 METRICS = "metrics.json"
 LINEAGE = "lineage.json"
+REFERENCE = "reference.json"  # drift reference: deciles of the training scores and inputs (jobs.monitoring)
 VERSION_RECORD = "version.json"
 
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -157,6 +158,34 @@ class Registry:
 
     def read_file(self, version: str, name: str) -> bytes:
         return self.lake.read_bytes(self.version_path(version, name))
+
+    def has_reference(self, version: str) -> bool:
+        return self.lake.exists(self.version_path(version, REFERENCE))
+
+    def reference(self, version: str) -> dict | None:
+        """The version's drift reference (None for a version trained before references were kept:
+        ``python -m jobs.torch.registry reference`` stores it)."""
+        return json.loads(self.read_file(version, REFERENCE)) if self.has_reference(version) else None
+
+    def store_reference(self, version: str) -> bool:
+        """Compute a version's drift reference from its training window, as training does, and store
+        it (False when it is already there: a reference, like every version file, is written once)."""
+        from jobs.torch.checkpoint import load_version
+        from jobs.torch.data import read_for_model
+        from jobs.torch.train import drift_reference_of
+
+        record = self.version(version)
+        if record is None:
+            raise RegistryError(f"unknown version {version}")
+        if self.has_reference(version):
+            return False
+        loaded = load_version(self.read_checkpoint(version), version)
+        window = json.loads(self.read_file(version, LINEAGE)).get("window") or [
+            d.isoformat() for d in day_range(date.fromisoformat(record["window_start"]),
+                                             date.fromisoformat(record["window_end"]))]
+        days = self.lake.readable(Dataset.FEATURES, [date.fromisoformat(d) for d in window])
+        frame, history = read_for_model(self.lake, days, loaded.config, self.calendar)
+        return self.lake.put_if_absent(self.version_path(version, REFERENCE), drift_reference_of(loaded, frame, history))
 
     def read_checkpoint(self, version: str) -> bytes:
         """A version's checkpoint, checked against the content hash it was registered with (its
@@ -354,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     asof = sub.add_parser("champion", help="the champion as of a date")
     asof.add_argument("--date", required=True)
     sub.add_parser("decisions", help="every recorded decision")
+    ref = sub.add_parser("reference", help="store the drift reference of versions trained before references were "
+                                           "kept (read from their training window; the report's drift section)")
+    ref.add_argument("versions", nargs="*", help="versions (default: every version without one)")
     resolve = sub.add_parser("resolve", help="decide a training day by hand: keep the champion before it")
     resolve.add_argument("--date", required=True, help="the training day")
     resolve.add_argument("--keep-champion", action="store_true", required=True,
@@ -392,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(registry.champion_as_of(args.date), indent=2, sort_keys=True))
         elif args.command == "decisions":
             print(json.dumps(registry.decisions(), indent=2, sort_keys=True))
+        elif args.command == "reference":
+            names = args.versions or [r["version"] for r in registry.versions() if not registry.has_reference(r["version"])]
+            for name in names:
+                created = registry.store_reference(name)
+                print(f"{name}: drift reference {'stored' if created else 'already there'}")
         elif args.command == "resolve":
             stored, outcome = registry.keep_champion(args.date, args.reason)
             print(json.dumps(stored, indent=2, sort_keys=True))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 
@@ -28,11 +29,14 @@ from jobs.common.schema import ALERTS_SCHEMA, FEATURE_SCHEMA, MODEL_INPUTS, SCOR
 from jobs.torch import registry as R
 from jobs.torch.checkpoint import Loaded, load_version
 from jobs.torch.data import model_history_days, read_for_model
+from jobs.torch.explain import METHOD, attribution_lists, integrated_gradients
 from jobs.torch.predict import predict, predict_columns, score_workers
 
 
-def alerts_table(scores: pa.Table, k: int) -> pa.Table:
-    """Top-k cards: max score over the card's transactions, n_tx, rank by score desc then card.
+def alerts_table(scores: pa.Table, k: int, explain: Callable[[np.ndarray], list[list[dict]]] | None = None
+                 ) -> pa.Table:
+    """Top-k cards: max score over the card's transactions, n_tx, rank by score desc then card, the
+    top transaction, and with ``explain`` (row positions -> attribution lists) why it scored so.
 
     Exact without a group-by over the day: the top-k cards are the first k distinct cards among
     the rows in descending score order, so only the rows at or above a score threshold are
@@ -59,6 +63,7 @@ def alerts_table(scores: pa.Table, k: int) -> pa.Table:
         m = min(n, m * 4)
     first.sort()
     top_card, top_score = c[first][:k], s[first][:k]
+    top_row = sel[order][first][:k]  # the row of each card's highest score
     top_card_sorted = np.sort(top_card)
     mine = np.sort(card[pc.is_in(scores.column("CUSTOMER_ID"), pa.array(top_card_sorted)).to_numpy(False)])
     counts = np.searchsorted(mine, top_card, side="right") - np.searchsorted(mine, top_card)
@@ -70,6 +75,8 @@ def alerts_table(scores: pa.Table, k: int) -> pa.Table:
             "n_tx": pa.array(counts.astype(np.int64)),
             "rank": pa.array(np.arange(1, kk + 1, dtype=np.int32)),
             "model_version": pa.array([version] * kk, pa.string()),
+            "top_transaction_id": pc.take(scores.column("TRANSACTION_ID"), pa.array(top_row, pa.int64())),
+            "attributions": pa.array(explain(top_row) if explain else [None] * kk, ALERTS_SCHEMA.field("attributions").type),
         },
         schema=ALERTS_SCHEMA,
     )
@@ -127,11 +134,18 @@ def score_day(lake: Lake, registry: R.Registry, day: date, k: int, cache: dict[s
         scores = predict(loaded, frame, history, workers=workers)
         ids = {"TRANSACTION_ID": pa.array(frame.txid), "CUSTOMER_ID": pa.array(frame.card),
                "TX_DATETIME": pa.array(frame.time_us, pa.int64()).cast(pa.timestamp("us"))}
+
+        def explain(rows: np.ndarray) -> list[list[dict]]:
+            return attribution_lists(frame.x[rows], integrated_gradients(loaded, frame.x[rows], history, rows)[0])
     else:  # Arrow columns straight to numpy views and back: no [n, 15] frame, no pandas
         features = lake.read_days(Dataset.FEATURES, [day], schema=FEATURE_SCHEMA, columns=[*ID_COLUMNS, *MODEL_INPUTS])
         cols = [_numpy(features.column(name)) for name in MODEL_INPUTS]
         scores = predict_columns(loaded, cols, workers)
         ids = {name: features.column(name) for name in ID_COLUMNS}
+
+        def explain(rows: np.ndarray) -> list[list[dict]]:
+            x = np.stack([col[rows] for col in cols], axis=1).astype(np.float32)
+            return attribution_lists(x, integrated_gradients(loaded, x)[0])
     n = len(scores)
     table = pa.table(
         {**ids, "score": pa.array(scores),
@@ -140,10 +154,10 @@ def score_day(lake: Lake, registry: R.Registry, day: date, k: int, cache: dict[s
     )
     with ThreadPoolExecutor(1) as pool:  # the Parquet write (GIL released) overlaps the alert list
         written = pool.submit(write_scores, lake, day, table, {"model_version": version}, provenance)
-        alerts = alerts_table(table, k)
+        alerts = alerts_table(table, k, explain)
         scores_manifest = written.result()
     attempt = lake.new_attempt(Dataset.ALERTS, day)  # scores and alerts are published by one write
-    lake.publish(attempt, stats={"model_version": version, "k": k}, lineage=provenance,
+    lake.publish(attempt, stats={"model_version": version, "k": k, "attributions": METHOD}, lineage=provenance,
                  files=[lake.write_parquet(attempt, alerts)], companions=[scores_manifest])
     summary = {"date": day.isoformat(), "rows": table.num_rows, "alerts": alerts.num_rows, "model_version": version,
                "champion_since": champion["champion_since"], "seconds": round(time.time() - started, 3)}

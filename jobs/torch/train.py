@@ -35,10 +35,11 @@ from jobs.common.lake import Dataset, Lake
 from jobs.common.provenance import InputRecorder
 from jobs.common.provenance import lineage as provenance_lineage
 from jobs.common.schema import FEATURE_SCHEMA_VERSION, MODEL_INPUTS
+from jobs.monitoring import drift_reference
 from jobs.torch import metrics as M
 from jobs.torch import registry as R
-from jobs.torch.checkpoint import checkpoint_bytes, export_bytes, load_version
-from jobs.torch.data import model_history_days
+from jobs.torch.checkpoint import Loaded, checkpoint_bytes, export_bytes, load_version
+from jobs.torch.data import CardHistory, FeatureFrame, model_history_days
 from jobs.torch.evaluate import decide, fraud_labels
 from jobs.torch.fit import Dist, init_distributed, pick_device, train_model
 from jobs.torch.model import ModelConfig
@@ -134,6 +135,14 @@ class TrainConfig:
         return R.content_hash(self.recipe())[:12]
 
 
+def drift_reference_of(loaded: Loaded, frame: FeatureFrame, history: CardHistory | None,
+                       scores=None) -> bytes:
+    """The version's drift reference (``jobs.monitoring``): deciles of its scores and inputs on its
+    training window."""
+    scores = predict(loaded, frame, history) if scores is None else scores
+    return R.canonical_json(drift_reference(frame.x, MODEL_INPUTS, scores))
+
+
 def train_version(lake: Lake, registry: R.Registry, cfg: TrainConfig, window: list[date], role: str,
                   device: torch.device, ddp: Dist, for_day: date) -> dict | None:
     """Train ``cfg`` on ``window`` and register the version (or reuse one with the same training key).
@@ -180,6 +189,7 @@ def train_version(lake: Lake, registry: R.Registry, cfg: TrainConfig, window: li
         R.EXPORT: export_bytes(loaded),
         R.METRICS: R.canonical_json({"train": train_metrics}),
         R.LINEAGE: R.canonical_json(lineage),
+        R.REFERENCE: drift_reference_of(loaded, frame, history, train_scores),
     }
     record = {
         "model": mcfg.kind, "role": role, "train_day": for_day.isoformat(), "window_start": min(window).isoformat(),
