@@ -94,9 +94,11 @@ def counts(lake: Lake, day: date) -> dict:
 
 
 def quarantine_table(c: dict) -> list[dict]:
-    """D's quarantined rows by reason, most frequent first, with their share of the rows landed."""
+    """D's quarantined rows by reason (the reasons that occurred), most frequent first, with their
+    share of the rows landed."""
     rows_in = c.get("rows_in") or 0
-    reasons = sorted((c.get("quarantined_by_reason") or {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    reasons = sorted(((r, n) for r, n in (c.get("quarantined_by_reason") or {}).items() if n),
+                     key=lambda kv: (-kv[1], kv[0]))
     return [{"reason": r, "rows": n, "share": (n / rows_in) if rows_in else None} for r, n in reasons]
 
 
@@ -516,7 +518,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{margin:0.5em
 {_performance_table(perf)}
 <h3>Scored days missing from the window</h3>{_table(missing, ["date", "reason"]) if missing else "<p>none</p>"}</section>
 <section id="drift"><h2>Drift against the champion's training data</h2>
-<p>{html.escape(drift.get("status", ""))}. Population stability index per input; above
+<p>{html.escape(drift.get("status", "")[:1].upper() + drift.get("status", "")[1:])}. Population stability index per input; above
 {drift.get("threshold", 0.25)} an input is flagged as drifted, above {drift.get("watch", 0.1)} it moved.</p>
 {_img(images, "score_hist.png", "score distribution against the training data")}{_img(images, "input_drift.png", "input drift")}
 {_table(drift_rows, ["input", "psi", "verdict"]) if drift_rows else ""}</section>
