@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from bench import markdown_table, write_section
+from jobs.common.progress import track
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,7 @@ def run_child(run: dict, lake_uri: str) -> dict:
 def main(flags: list[str]) -> int:
     rows = []
     load = os.getloadavg()[0]
-    for run in RUNS:
+    for run in track(RUNS, "bench datagen", unit="runs"):  # on a terminal only
         with tempfile.TemporaryDirectory(prefix="bench-datagen-") as tmp:
             s = run_child(run, Path(tmp).as_uri())
         scenarios = s["frauds_by_scenario"]

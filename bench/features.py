@@ -31,6 +31,7 @@ import pyarrow as pa
 from bench import markdown_table, write_section
 from jobs.common.calendar import Calendar
 from jobs.common.lake import Dataset, Lake
+from jobs.common.progress import progress
 from jobs.common.schema import (
     CLEAN_SCHEMA,
     COMPUTED_FEATURES,
@@ -315,7 +316,9 @@ def main(flags: list[str]) -> int:
     rows.append(["Spark start-up (get_spark)", "", f"{startup:.1f} s", "", "target <= 15 s"])
     print(f"spark start-up {startup:.1f}s (load {load()})", flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp:
+    # on a terminal: the cases done (the warm-up, then each scale)
+    with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp, \
+            progress("bench features", total=1 + len(scales), unit="cases") as advance:
         # The first job of a session pays once for loading the JVM's SQL, Parquet and Arrow classes and
         # starting the Python workers, whatever its size: measured on its own, so that the timed runs
         # below all run in a warm session (a spark-submit pays it once per run, on top of the job).
@@ -324,7 +327,9 @@ def main(flags: list[str]) -> int:
         rows.append([f"first-job warm-up (the job on {WARM_UP.days} days x {WARM_UP.per_day} rows)", "",
                      f"{warm_up:.1f} s", "", "paid once per spark-submit"])
         print(f"first-job warm-up {warm_up:.1f}s (load {load()})", flush=True)
+        advance()
         for scale in scales:
+            advance.doing(scale.name)
             lake = Lake.from_uri((Path(tmp) / scale.name / "lake").as_uri())
             days = generate(lake, scale)
             clean = lake.read_days(Dataset.CLEAN, days, schema=CLEAN_SCHEMA)
@@ -408,6 +413,7 @@ def main(flags: list[str]) -> int:
                     ]
                 )
             del clean
+            advance()
     spark.stop()
     loads.append(f"end {load()}")
 

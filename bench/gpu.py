@@ -30,6 +30,7 @@ from bench import markdown_table, write_section
 from bench.scoring import big_day
 from bench.training import CALENDAR, FIRST, handbook_dropout, reference_loop, synthetic_window
 from jobs.common.lake import Lake
+from jobs.common.progress import progress
 from jobs.torch.checkpoint import checkpoint_bytes, load_version
 from jobs.torch.data import CardHistory, frame_from_table, read_for_model
 from jobs.torch.fit import Dist, fit, prepare
@@ -62,10 +63,13 @@ def main(flags: list[str]) -> int:
     defaults = TrainConfig(lake="-", date="2018-04-22", device=device.type).resolved()
     days, rows_per_day = (7, 20_000) if small else (defaults.window_days, 96_000)
     rows, score_rows = [], []
-    with tempfile.TemporaryDirectory() as tmp:
+    kinds = ("mlp", "seq")
+    # on a terminal: the runs done (per model: the per-row loop, two trainer batches, scoring)
+    with tempfile.TemporaryDirectory() as tmp, progress("bench gpu", total=4 * len(kinds), unit="runs") as advance:
         lake = Lake.from_uri(Path(tmp).as_uri())
         window = synthetic_window(lake, days, rows_per_day, cards=50_000)
-        for kind in ("mlp", "seq"):
+        for kind in kinds:
+            advance.doing(f"{kind}, the per-row loop")
             cfg = replace(defaults, lake=lake.uri, model=kind, hidden=[]).resolved()
             mcfg = cfg.model_config()
             t0 = time.perf_counter()
@@ -76,17 +80,21 @@ def main(flags: list[str]) -> int:
             samples, seconds = reference_loop(handbook_dropout(build_model(mcfg)).to(device), data,
                                               max_seconds=3 if small else 10)
             ref = samples / seconds  # the loop is host-bound: the device queue behind it is a few steps
+            advance()
             rows.append([kind, "reference: per-row Dataset, DataLoader, Adam, nn.Dropout (fp32)", 64, "-",
                          f"{ref:,.0f}", "1.0x"])
             for label, batch, epochs in (("this trainer (`fit`), product batch, bf16 autocast", cfg.batch_size, 2),
                                          ("this trainer (`fit`), large batch, bf16 autocast", LARGE_BATCH[kind],
                                           5 if small else 20)):
+                advance.doing(f"{kind}, batch {batch}")
                 torch.manual_seed(0)
                 rate = timed_fit(build_model(mcfg), data, replace(cfg, batch_size=batch, epochs=epochs), device)
+                advance()
                 rows.append([kind, label, batch, epochs, f"{rate:,.0f}", f"**{rate / ref:.0f}x**"])
                 print(f"gpu {kind} batch {batch}: {rate:,.0f} samples/s ({rate / ref:.0f}x the per-row loop)", flush=True)
 
             # scoring: a model trained briefly here, the same frame on the GPU and on the host's cores
+            advance.doing(f"{kind}, scoring")
             torch.manual_seed(0)
             model = build_model(mcfg)
             transform = InputTransform.fit(torch.from_numpy(frame.x))
@@ -113,6 +121,7 @@ def main(flags: list[str]) -> int:
             print(f"gpu scoring {kind}: {len(target) / gpu_s:,.0f} rows/s on the GPU, {len(target) / cpu_s:,.0f} "
                   f"on {os.cpu_count()} cores; max |difference| {diff:.1e} (read for the model {read_s:.1f} s)",
                   flush=True)
+            advance()
     table = markdown_table(["model", "loop", "batch", "epochs timed", "samples/s", "vs the per-row loop"], rows)
     table2 = markdown_table(["model", "rows scored", "GPU s (host to device, score, back)", "GPU rows/s",
                              "host cores s (`predict`)", "host rows/s", "GPU vs host", "max |score difference|"],

@@ -20,6 +20,7 @@ from datetime import date, datetime
 import pyarrow as pa
 
 from bench import markdown_table, write_section
+from jobs.common.progress import track
 
 D = date(2018, 4, 1)
 ROUNDS = 2
@@ -81,7 +82,7 @@ def main(flags: list[str]) -> int:
     sizes = SMALL_SIZES if "--small" in flags else SIZES
     spark = get_spark("bench-hot-key")
     rows, set_too_slow = [], False
-    for n in sizes:
+    for n in track(sizes, "bench hot_key", unit="sizes"):  # on a terminal only
         with tempfile.TemporaryDirectory() as tmp:
             lake = Lake.from_uri(f"file://{tmp}/lake")
             lake.write_landing(D, _landing(n))

@@ -25,6 +25,7 @@ from pathlib import Path
 from bench import markdown_table, write_section
 from bench.scale import Run, run_measured
 from jobs.common import commands
+from jobs.common.progress import progress
 
 FIRST, DAYS = date(2018, 4, 1), 38
 LAST = FIRST + timedelta(days=DAYS - 1)
@@ -44,9 +45,12 @@ def main(flags: list[str]) -> int:
         env.pop(name, None)  # the defaults, as a new user has them
     table: list[list[object]] = []
     load = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+    # on a terminal: the commands done (the generator, each Spark job twice, train, score, report)
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp, \
+            progress("bench memory", total=8, unit="commands") as advance:
         lake = (Path(tmp) / "lake").as_uri()
         started = time.perf_counter()
+        advance.doing("jobs.datagen")
         run_measured([sys.executable, "-m", "jobs.datagen", "--lake", lake, "--start", FIRST.isoformat(), "--days",
                       str(DAYS), "--customers", str(customers), "--terminals", str(2 * customers), "--seed", "0"], env)
         from jobs.common.datasets import Dataset
@@ -54,12 +58,15 @@ def main(flags: list[str]) -> int:
 
         landed = sum(pq_rows(Lake.from_uri(lake), d) for d in (FIRST + timedelta(days=i) for i in range(DAYS)))
         print(f"[memory] {landed:,} landing rows in {time.perf_counter() - started:.0f} s", flush=True)
+        advance()
 
         def measure(label: str, step: str, arguments: list[str], days: int) -> Run:
+            advance.doing(f"{step}, {days} days")
             result = run_measured(commands.step_command(step, arguments), env)
             table.append([label, days, f"{result.seconds:.0f}", f"{result.peak_mib / 1024:.2f}",
                           "yes" if result.peak_mib / 1024 <= LIMIT_GIB else "**no**"])
             print(" | ".join(map(str, table[-1])), flush=True)
+            advance()
             return result
 
         for job in ("clean", "features"):

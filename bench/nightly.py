@@ -34,6 +34,7 @@ from pathlib import Path
 
 from bench import markdown_table, write_section
 from jobs.common.config import REPO_ROOT
+from jobs.common.progress import Step, progress
 
 sys.path.insert(0, str(REPO_ROOT / "deploy"))
 
@@ -236,12 +237,14 @@ def task_seconds(task: dict) -> float | None:
     return (end - start).total_seconds() if start and end else None
 
 
-def nightly(root: Path, lake: Path, modes: list[str]) -> tuple[dict, dict]:
-    """Per mode and day: the run's span and its tasks."""
+def nightly(root: Path, lake: Path, modes: list[str], advance: Step | None = None) -> tuple[dict, dict]:
+    """Per mode and day: the run's span and its tasks (each run counted done by ``advance``)."""
+    advance = advance or Step()
     spans, tasks = {}, {}
     for mode in modes:
         with Stack(root, lake, mode) as stack:
             for day in (TRAINING_DAY, PLAIN_DAY):
+                advance.doing(f"nightly, {mode}, {day}")
                 run_id = stack.trigger(day)
                 run = stack.wait(run_id)
                 tasks[mode, day] = stack.tasks(run_id)
@@ -250,12 +253,15 @@ def nightly(root: Path, lake: Path, modes: list[str]) -> tuple[dict, dict]:
                     raise RuntimeError(f"{mode} run of {day} failed at {failed}; logs under {stack.af.home}")
                 spans[mode, day] = run_span(tasks[mode, day])
                 print(f"[nightly] {mode} {day}: {spans[mode, day]:.1f} s", flush=True)
+                advance()
     return spans, tasks
 
 
-def backfill(root: Path, lake: Path, modes: list[str], count: int) -> dict:
+def backfill(root: Path, lake: Path, modes: list[str], count: int, advance: Step | None = None) -> dict:
+    advance = advance or Step()
     results = {}
     for mode in modes:
+        advance.doing(f"backfill, {mode}")
         with Stack(root / "backfill", lake, mode) as stack:
             first, last = TRAINING_DAY, TRAINING_DAY + timedelta(days=count - 1)
             started = time.monotonic()
@@ -283,6 +289,7 @@ def backfill(root: Path, lake: Path, modes: list[str], count: int) -> dict:
                 "cpu": cpu.by_kind(), "cpu_machine": cpu.machine,
             }
             print(f"[backfill] {mode}: {results[mode]['span']:.0f} s for {len(runs)} runs", flush=True)
+        advance()
     return results
 
 
@@ -333,21 +340,26 @@ def main(flags: list[str]) -> int:
     count = 6 if small else BACKFILL_DAYS
     customers, terminals = (500, 1000) if small else (5000, 10000)
     load = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="bench-nightly-") as tmp:
+    runs = 1 + ("--no-nightly" not in flags) * 2 * len(modes) + ("--no-backfill" not in flags) * len(modes)
+    # on a terminal: the runs done (building the lake, each nightly run, each mode's backfill)
+    with tempfile.TemporaryDirectory(prefix="bench-nightly-") as tmp, \
+            progress("bench nightly", total=runs, unit="runs") as advance:
         root = Path(tmp)
         started = time.monotonic()
+        advance.doing("building the lake")
         lake = build_lake(root, customers, terminals, TRAINING_DAY + timedelta(days=count - 1))
         built = time.monotonic() - started
+        advance()
         sections = {}
         if "--no-nightly" not in flags:
-            spans, tasks = nightly(root / "nightly", lake, modes)
+            spans, tasks = nightly(root / "nightly", lake, modes, advance)
             sections["nightly"] = nightly_table(spans, tasks, modes, customers, terminals, built, load)
         if len(modes) == 2 and "nightly" in sections:
             compared, differing = compare(*(root / "nightly" / f"lake-{m}" for m in modes), [TRAINING_DAY, PLAIN_DAY])
             sections["nightly"] += (f"\n- Outputs of the two modes: {compared - len(differing)} of {compared} "
                                     f"partitions equal{'' if not differing else ': differing ' + ', '.join(differing)}.")
         if "--no-backfill" not in flags:
-            results = backfill(root, lake, modes, count)
+            results = backfill(root, lake, modes, count, advance)
             sections["backfill"] = backfill_table(results, modes, count, load)
             if len(modes) == 2:
                 compared, differing = compare(results[modes[0]]["lake"], results[modes[1]]["lake"],

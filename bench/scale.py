@@ -37,6 +37,7 @@ from jobs.common import commands
 from jobs.common.config import REPO_ROOT, S3Settings, s3_environment
 from jobs.common.datasets import Dataset
 from jobs.common.lake import Lake
+from jobs.common.progress import progress
 
 sys.path.insert(0, str(REPO_ROOT / "deploy"))
 
@@ -180,10 +181,14 @@ def main(flags: list[str]) -> int:
         try:
             server.start()
             cluster.start()
-            with executor_environment_file(keys, spark_defaults_file()) as properties:
+            # on a terminal: the runs done (per history: its build, then per lake features on each master
+            # and score)
+            with executor_environment_file(keys, spark_defaults_file()) as properties, \
+                    progress("bench scale", total=len(sizes) * (1 + 2 * 3), unit="runs") as advance:
                 masters = {"local[2]": ("local[2]", [], None),
                            "standalone": (cluster.url, ["--properties-file", properties], cluster.procs["worker"].pid)}
                 for rows in sizes:
+                    advance.doing(f"{rows:,} rows, building")
                     root = Path(tmp) / str(rows)
                     started = time.perf_counter()
                     uri = build_history(root, rows)
@@ -192,6 +197,7 @@ def main(flags: list[str]) -> int:
                     clean_rows.append([f"{rows / 1e6:g}M", f"{n:,}", f"{n // DAYS:,}",
                                        f"{time.perf_counter() - started:.0f}"])
                     print(f"[{rows:,}] history of {n:,} clean rows built", flush=True)
+                    advance()
                     lakes = {"directory": (uri, None),
                              "S3": (copy_to_store(uri, server, f"scale-{rows}", FEATURES_INPUTS), s3)}
                     for store, (lake_uri, store_s3) in lakes.items():
@@ -201,12 +207,15 @@ def main(flags: list[str]) -> int:
                                 argv = spark_submit("features", lake_uri, days, master)
                                 return [argv[0], *extra, *argv[1:]]
 
+                            advance.doing(f"{rows:,} rows, features, {store}, {name}")
                             key = ("features", store, name)
                             if key not in fixed:
                                 fixed[key] = run_measured(features(days_of(1)), env, worker)
                             result = run_measured(features(days_of(DAYS)), env, worker)
                             table.append(row(rows, n, "features", store, name, result, fixed[key]))
                             print(" | ".join(map(str, table[-1])), flush=True)
+                            advance()
+                        advance.doing(f"{rows:,} rows, score, {store}")
                         register_champion(lake_uri, store_s3)
                         key = ("score", store, "")
                         if key not in fixed:
@@ -214,6 +223,7 @@ def main(flags: list[str]) -> int:
                         result = run_measured(score(lake_uri, days_of(DAYS)), env)
                         table.append(row(rows, n, "score (seq)", store, "(no Spark)", result, fixed[key]))
                         print(" | ".join(map(str, table[-1])), flush=True)
+                        advance()
                     shutil.rmtree(root, ignore_errors=True)
         finally:
             cluster.stop()

@@ -27,6 +27,7 @@ import torch
 from bench import markdown_table, write_section
 from jobs.common.calendar import Calendar, TrainingSchedule
 from jobs.common.lake import Dataset, Lake
+from jobs.common.progress import track
 from jobs.common.schema import MODEL_INPUTS, SCORES_SCHEMA
 from jobs.torch import registry as R
 from jobs.torch.checkpoint import checkpoint_bytes, load_version
@@ -142,7 +143,8 @@ def main(flags: list[str]) -> int:
     threads = int(os.environ.get("BENCH_THREADS", str(min(os.cpu_count() or 1, 2))))
     load = os.getloadavg()
     results, splits = [], []
-    for kind, rows in (("mlp", 1_000_000 if small else 10_000_000), ("seq", 100_000 if small else 1_000_000)):
+    cases = (("mlp", 1_000_000 if small else 10_000_000), ("seq", 100_000 if small else 1_000_000))
+    for kind, rows in track(cases, "bench scoring", unit="models"):  # on a terminal only
         n, s, floor, parts = measure(kind, rows, threads)
         if parts:
             history_s, model_s = parts

@@ -28,6 +28,7 @@ from torch import nn
 from bench import markdown_table, write_section
 from jobs.common.calendar import Calendar
 from jobs.common.lake import Dataset, Lake
+from jobs.common.progress import progress
 from jobs.torch.data import read_for_model
 from jobs.torch.fit import Dist, TrainingData, fit, prepare, train_model
 from jobs.torch.model import ByteDropout, InputTransform, build_model
@@ -101,10 +102,13 @@ def main(flags: list[str]) -> int:
     torch.set_num_threads(threads)
     load = os.getloadavg()
     rows, whole = [], []
-    with tempfile.TemporaryDirectory() as tmp:
+    kinds = ("mlp", "seq")
+    # on a terminal: the rounds done (each model's rounds in turns, then its whole training)
+    with tempfile.TemporaryDirectory() as tmp, \
+            progress("bench training", total=len(kinds) * (ROUNDS + 1), unit="rounds") as advance:
         lake = Lake.from_uri(Path(tmp).as_uri())
         window = synthetic_window(lake, days, rows_per_day, cards=5000)
-        for kind in ("mlp", "seq"):
+        for kind in kinds:
             full = replace(defaults, lake=lake.uri, model=kind, hidden=[], threads=threads).resolved()
             cfg = replace(full, epochs=1 if small else 2)
             mcfg = cfg.model_config()
@@ -118,7 +122,8 @@ def main(flags: list[str]) -> int:
             # models each time); each one's best round counts, so a noisy moment on the shared cores
             # does not decide the ratio.
             ref_best, ours_best, ref_seen = 0.0, 0.0, (0, 0.0)
-            for _ in range(ROUNDS):
+            for i in range(ROUNDS):
+                advance.doing(f"{kind}, round {i + 1} of {ROUNDS}")
                 torch.manual_seed(0)
                 samples, seconds = reference_loop(handbook_dropout(build_model(mcfg)), data,
                                                   max_seconds=3 if small else 8)
@@ -128,6 +133,7 @@ def main(flags: list[str]) -> int:
                 t0 = time.perf_counter()
                 fit(build_model(mcfg), data, cfg, torch.device("cpu"), Dist())
                 ours_best = max(ours_best, n * cfg.epochs / (time.perf_counter() - t0))
+                advance()
             rows.append(["reference: per-row Dataset, DataLoader, Adam, the handbook's nn.Dropout", name, threads, 64,
                          f"{ref_seen[0] / n:.2f} ({ref_seen[1]:.0f} s)", f"{ref_best:,.0f}", "1.0x"])
             rows.append(["this trainer (`fit`, product defaults), Adam", name, threads, cfg.batch_size, cfg.epochs,
@@ -135,9 +141,11 @@ def main(flags: list[str]) -> int:
             print(f"training {kind}: reference {ref_best:,.0f} samples/s, ours {ours_best:,.0f} "
                   f"({ours_best / ref_best:.1f}x)", flush=True)
 
+            advance.doing(f"{kind}, one whole model")
             t0 = time.perf_counter()
             trained = train_model(lake, full, window, CALENDAR, torch.device("cpu"))
             whole.append((kind, len(trained.frame), full.epochs, full.batch_size, time.perf_counter() - t0))
+            advance()
     end_load = os.getloadavg()
 
     table = markdown_table(["loop (CPU)", "model", "threads", "batch", "epochs measured", "samples/s",

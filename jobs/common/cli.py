@@ -16,6 +16,7 @@ from datetime import date
 
 from jobs.common.calendar import day_range, format_days, parse_day
 from jobs.common.config import settings
+from jobs.common.progress import progress
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -103,12 +104,24 @@ def not_done(step: str, days: Sequence[date], error: BaseException | str, failed
 
 
 def run_each(step: str, days: Sequence[date], body: Callable[[date], None], lake=None) -> int:
-    """Run ``body`` for each day in order; a failure or a wait names the days not done from there."""
-    for i, day in enumerate(days):
-        try:
-            body(day)
-        except Waiting as exc:
-            return not_done(step, days[i:], exc, code=EXIT_WAITING)
-        except Exception as exc:  # noqa: BLE001 - reported with the days not done
-            return not_done(step, days[i:], exc, failed_on=day, lake=lake)
-    return EXIT_OK
+    """Run ``body`` for each day in order; a failure or a wait names the days not done from there.
+    On a terminal a range shows its progress (``jobs.common.progress``), the failure below it."""
+    stopped: tuple[int, Exception, bool] | None = None
+    with progress(step, total=len(days)) as advance:
+        for i, day in enumerate(days):
+            advance.doing(day.isoformat())
+            try:
+                body(day)
+            except Waiting as exc:
+                stopped = (i, exc, True)
+                break
+            except Exception as exc:  # noqa: BLE001 - reported with the days not done
+                stopped = (i, exc, False)
+                break
+            advance()
+    if stopped is None:
+        return EXIT_OK
+    i, exc, waiting = stopped
+    if waiting:
+        return not_done(step, days[i:], exc, code=EXIT_WAITING)
+    return not_done(step, days[i:], exc, failed_on=days[i], lake=lake)

@@ -70,6 +70,8 @@ ENV_DOC = {
     "FRAUD_RANGE_BATCH_DAYS": "a range run of a Spark job works on at most this many days at a time, publishing "
                               "each batch before the next, so its memory does not grow with the range (default 7)",
     "FRAUD_SEED": "seed for training and anything random (default 0)",
+    "FRAUD_PROGRESS": "progress of long commands on stderr: auto (default: only when it is a terminal), 0 never, "
+                      "1 always (tests)",
     "FRAUD_S3_ENDPOINT_URL": "S3-compatible endpoint, e.g. http://127.0.0.1:8333 (default: AWS)",
     "AWS_REGION": "S3 region (default us-east-1)",
     "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN": "S3 credentials",
@@ -102,6 +104,21 @@ def _positive(name: str, value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
     return int(value)
+
+
+PROGRESS_ENV = "FRAUD_PROGRESS"
+
+
+def progress_mode() -> str:
+    """``auto``, ``off`` or ``on``: whether long commands show their progress (``jobs.common.progress``).
+    Read apart from :func:`settings`, at each use: a display that is up sets it to ``0`` for the
+    processes it starts, and a mistyped pipeline setting must not stop a progress bar."""
+    value = _env(PROGRESS_ENV, "auto").lower()
+    if value in ("0", "off", "false", "no", "never"):
+        return "off"
+    if value in ("1", "on", "true", "yes", "always"):
+        return "on"
+    return "auto"
 
 
 def settings() -> Settings:

@@ -11,6 +11,7 @@ import pyarrow as pa
 from jobs.common.calendar import epoch_day, parse_day
 from jobs.common.datasets import Dataset
 from jobs.common.lake import Lake
+from jobs.common.progress import track
 from jobs.common.schema import RAW_LABEL_SCHEMA, RAW_SCHEMA
 from jobs.datagen.labels import LabelDelay, by_report_day, events_of_day
 from jobs.datagen.simulator import generate
@@ -74,7 +75,8 @@ def generate_to_lake(
     last = start
     pending: dict[int, list[pa.Table]] = {}
     events = 0
-    for day, table in generate(customers, terminals, start, days, seed):
+    # on a terminal, the days written of ``days`` (jobs.common.progress); nothing in a log
+    for day, table in track(generate(customers, terminals, start, days, seed), "datagen", total=days):
         if labels == "feed":
             for report_day, part in by_report_day(events_of_day(table, delay, seed, day)).items():
                 pending.setdefault(report_day, []).append(part)

@@ -53,6 +53,7 @@ from pyspark.sql import types as T
 from jobs.common.cli import EXIT_OK, batches, day_parser, error_summary, not_done, parse_days
 from jobs.common.config import settings
 from jobs.common.lake import Attempt, Dataset, Lake
+from jobs.common.progress import progress
 from jobs.common.provenance import lineage
 from jobs.common.schema import (
     CLEAN_SCHEMA,
@@ -293,17 +294,21 @@ def clean_days(spark: SparkSession, lake: Lake, days: Sequence[date]) -> int:
             failure = (day, exc)
             break
     cfg = settings()
-    for batch in batches(ready, cfg.range_batch_days):  # transactions, then their label events, a batch at a time
-        count, error = _batch_or_each(spark, lake, batch, clean_batch)
-        done = [d.day for d in batch[:count]]
-        if error is not None:
-            failure = (batch[count].day, error)
-        if done:
-            count, error = labels.clean_label_days(spark, lake, done, feed=cfg.label_feed)
+    with progress(STEP, total=len(days)) as advance:  # on a terminal: the days published of the range
+        for batch in batches(ready, cfg.range_batch_days):  # transactions, then their label events, a batch at a time
+            advance.doing(days_label(batch))
+            count, error = _batch_or_each(spark, lake, batch, clean_batch)
+            done = [d.day for d in batch[:count]]
             if error is not None:
-                failure = (done[count], error)
-        if failure is not None and failure[0] <= batch[-1].day:
-            break
+                failure = (batch[count].day, error)
+            if done:
+                count, error = labels.clean_label_days(spark, lake, done, feed=cfg.label_feed)
+                if error is not None:
+                    failure = (done[count], error)
+                    done = done[:count]
+            advance(len(done))
+            if failure is not None and failure[0] <= batch[-1].day:
+                break
     if failure is None:
         return EXIT_OK
     day, exc = failure

@@ -51,6 +51,7 @@ from jobs.common.calendar import (
 from jobs.common.cli import EXIT_OK, EXIT_WAITING, batches, day_parser, not_done, parse_days
 from jobs.common.config import settings
 from jobs.common.lake import Attempt, Dataset, Lake, NotPublished
+from jobs.common.progress import progress
 from jobs.common.provenance import InputRecorder, lineage
 from jobs.common.schema import (
     CLEAN_SCHEMA,
@@ -332,15 +333,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MissingInputs as exc:
         return not_done(STEP, args.days, f"{exc}; nothing written", code=EXIT_WAITING)
     spark = get_spark(f"{STEP} {format_days(args.days)}")
-    for inputs in inputs_by_batch:  # memory bounded by a batch
-        batch = inputs.days
-        code = run(spark, lake, inputs, cal)
-        if code != EXIT_OK:
-            later = [d for d in args.days if d > batch[-1]]
-            if later:
-                not_done(STEP, later, f"not started: the batch {format_days(batch)} failed")
-            return code
-    return EXIT_OK
+    code, batch = EXIT_OK, args.days
+    with progress(STEP, total=len(args.days)) as advance:  # on a terminal: the days published of the range
+        for inputs in inputs_by_batch:  # memory bounded by a batch
+            batch = inputs.days
+            advance.doing(format_days(batch))
+            code = run(spark, lake, inputs, cal)
+            if code != EXIT_OK:
+                break
+            advance(len(batch))
+    if code == EXIT_OK:
+        return EXIT_OK
+    later = [d for d in args.days if d > batch[-1]]
+    if later:
+        not_done(STEP, later, f"not started: the batch {format_days(batch)} failed")
+    return code
 
 
 if __name__ == "__main__":

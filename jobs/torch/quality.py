@@ -39,6 +39,7 @@ from jobs.common import contracts
 from jobs.common.calendar import MICROS_PER_DAY, Calendar, calendar, day_range
 from jobs.common.config import REPO_ROOT, settings
 from jobs.common.lake import Dataset, Lake
+from jobs.common.progress import progress
 from jobs.common.schema import CLEAN_SCHEMA
 from jobs.datagen.simulator import SCENARIO2_DAYS
 from jobs.torch.checkpoint import Loaded
@@ -218,18 +219,26 @@ def run_protocol(lake: Lake, product: TrainConfig, starts: list[date], generate:
     ensure_features(lake, day_range(needed_from, max(fold_days(starts[-1], reference)[1])), generate, label_delay)
 
     results: dict[str, list[dict]] = {}
-    for label, cfg in configs.items():
-        results[label] = []
-        for start in starts:
-            fold = run_fold(lake, cfg, start, keep_scores=cfg is product)
-            results[label].append(fold)
-            print(f"quality ({label_delay}): {label} fold {start}: AUC {fold['auc_roc']:.3f} "
-                  f"AP {fold['average_precision']:.3f} CP@100 {fold['card_precision@100']:.3f} "
-                  f"({fold['train_rows']} rows, {fold['train_frauds']} known frauds, {fold['train_seconds']} s)",
-                  flush=True)
-    product_label = next(iter(configs))
-    results["bound: product model, every fraud with evidence first"] = [
-        bound_fold(lake, start, fold.pop("scores")) for start, fold in zip(starts, results[product_label], strict=True)]
+    # on a terminal: the folds done (each configuration's, then the bound's), after the features exist
+    with progress(f"quality ({label_delay})", total=(len(configs) + 1) * len(starts), unit="folds") as advance:
+        for label, cfg in configs.items():
+            results[label] = []
+            for start in starts:
+                advance.doing(f"{cfg.window_days}-day window, {start}")
+                fold = run_fold(lake, cfg, start, keep_scores=cfg is product)
+                results[label].append(fold)
+                print(f"quality ({label_delay}): {label} fold {start}: AUC {fold['auc_roc']:.3f} "
+                      f"AP {fold['average_precision']:.3f} CP@100 {fold['card_precision@100']:.3f} "
+                      f"({fold['train_rows']} rows, {fold['train_frauds']} known frauds, {fold['train_seconds']} s)",
+                      flush=True)
+                advance()
+        product_label = next(iter(configs))
+        bounds = []
+        for start, fold in zip(starts, results[product_label], strict=True):
+            advance.doing(f"bound, {start}")
+            bounds.append(bound_fold(lake, start, fold.pop("scores")))
+            advance()
+    results["bound: product model, every fraud with evidence first"] = bounds
     return results
 
 
