@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -15,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "deploy"))
+from browser import ARTIFACTS, airflow_ui, chromium, logged_in_page, screenshot  # noqa: E402,F401 - browser fixtures
 from local_services import SeaweedFS  # noqa: E402 - the deploy folder is not a package
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -23,6 +25,21 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get
 
 S3_ACCESS_KEY = "fraud-test-key"
 S3_SECRET_KEY = "fraud-test-secret-" + "0" * 8
+
+
+_STARTED = time.time()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Where this run's browser screenshots are (they stay after the run)."""
+    folders: dict[Path, int] = {}
+    for shot in ARTIFACTS.rglob("*.png") if ARTIFACTS.is_dir() else ():
+        if shot.stat().st_mtime >= _STARTED:
+            folders[shot.parent] = folders.get(shot.parent, 0) + 1
+    if folders:
+        terminalreporter.write_sep("-", "browser screenshots")
+        for folder, count in sorted(folders.items()):
+            terminalreporter.write_line(f"{folder.relative_to(REPO)}/  ({count})")
 
 
 def free_port() -> int:
