@@ -16,6 +16,7 @@ from airflow.sdk import (
     task,
 )
 from fraud_ops.config import orchestration
+from fraud_ops.links import REPORT_LINKS
 from fraud_ops.notify import notify_failure
 from fraud_ops.runners import LocalProcessOperator, torch_task
 from fraud_ops.sensors import DecisionSensor, InputsSensor, LandingSensor
@@ -101,7 +102,8 @@ def fraud_nightly():
        scores D with the champion as of D and writes the top-k alerts (skipped, with the reason,
        when there is no champion yet);
     7. **report** writes `reports/date=D/` (JSON and a page with plots), also when a step failed:
-       its "Steps" table says which and why.
+       its "Steps" table says which and why. The UI shows it under *Fraud reports*; the extra links
+       **Report** and **Alert list** of `score` and `report` open D's pages.
 
     Every sensor waits for what the step after it reads, as the step contracts declare
     (`jobs/common/contracts.py`, day offsets from `jobs/common/calendar.py`; docs/contract.md).
@@ -211,13 +213,14 @@ def fraud_nightly():
     score = torch_task(
         "score", "score", ["--lake", lake, "--date", day, "--k", "{{ params.k }}"],
         CFG, lake=lake, skip_on_exit_code=EXIT_NO_CHAMPION, file_lake_uri=STEP.lake_uri, outlets=[SCORES, ALERTS],
-        execution_timeout=CFG.timeout("score"),
+        execution_timeout=CFG.timeout("score"), extra_links=REPORT_LINKS,
     )  # fmt: skip
     report = LocalProcessOperator(
         task_id="report", command=["python", "-m", "jobs.report", "--lake", lake, "--date", day],
         lake=lake, aws_conn_id=CFG.aws_conn_id,
         trigger_rule="all_done",  # also on a day whose steps failed: the report says which and why
         outlets=[REPORTS], execution_timeout=CFG.timeout("report"),
+        extra_links=REPORT_LINKS,  # the day's report and alert list in the UI (fraud_ops.links)
     )  # fmt: skip
 
     gate = quality_gate(lake, day)

@@ -9,6 +9,9 @@ component commands docker-compose runs.
 ``spark_default`` connection to ``local[2]``, a ``gpu`` pool, simple-auth user ``admin``), migrates
 the metadata database once, starts the components as child processes and talks to the REST API
 (``/api/v2``, JWT from ``/auth/token``). It drives the ``airflow`` CLI, it does not import Airflow.
+
+``main()`` (`make up`) leaves ``fraud_nightly`` paused while the lake has no landing for the night
+its schedule would run now (:func:`schedule_state`), and says how to go on.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -356,6 +360,11 @@ class LocalAirflow:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"{}")
 
+    def set_paused(self, dag_id: str, paused: bool) -> None:
+        status, body = self.api("PATCH", f"/dags/{dag_id}", {"is_paused": paused})
+        if status != 200:
+            raise RuntimeError(f"PATCH /dags/{dag_id} answered {status}: {body}")
+
     def wait_for_dag(self, dag_id: str, timeout: float = 180) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -424,6 +433,49 @@ class LocalAirflow:
         raise TimeoutError(f"runs not finished in {timeout}s: {[(r['run_id'], r['state']) for r in runs]}")
 
 
+def missing_night(lake_uri: str, now: datetime | None = None) -> tuple[date, list[date]] | None:
+    """The night the nightly schedule would run at ``now`` (the last complete UTC day) when the
+    lake has no landing for it, with the landing days the lake has; None when it has that night.
+
+    A demo lake holds days of 2018: unpaused, the schedule would start a run for yesterday at once,
+    and that run would wait on its landing sensor for data that never comes."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from jobs.common.datasets import Dataset
+    from jobs.common.lake import Lake
+
+    night = (now or datetime.now(UTC)).astimezone(UTC).date() - timedelta(days=1)
+    lake = Lake.from_uri(lake_uri)
+    if lake.landing_ready(night):
+        return None
+    return night, [d for d in lake.partition_dates(Dataset.LANDING) if lake.landing_ready(d)]
+
+
+def schedule_state(af: LocalAirflow, lake_uri: str, dag_id: str = "fraud_nightly") -> str:
+    """Pause the DAG when the lake lacks the night its schedule would run now, unpause it when the
+    lake has it; called before the scheduler starts, so no run is created for a night the lake
+    does not have. Returns what to tell the user."""
+    try:
+        missing = missing_night(lake_uri)
+    except Exception as exc:  # noqa: BLE001 - an unreadable lake: hold the schedule, say why
+        af.set_paused(dag_id, True)
+        return (f"DAG {dag_id} is paused: the lake could not be read ({exc}); unpause it in the UI once it can.")
+    if missing is None:
+        af.set_paused(dag_id, False)
+        return f"DAG {dag_id} runs on its schedule: the lake has the landing of the latest night."
+    night, days = missing
+    held = f"{days[0]} .. {days[-1]}" if days else "none"
+    example = days[-1] if days else "YYYY-MM-DD"
+    where = "this UI" if af.home.resolve() == (REPO / ".airflow").resolve() else "the UI of `make up` (.airflow/)"
+    af.set_paused(dag_id, True)
+    return (f"DAG {dag_id} is paused: its schedule would now run the night of {night}, which the lake has no "
+            f"landing for\n(landing days in the lake: {held}): that run would only wait on its sensor.\n"
+            f"  to run a night of the lake now: `make run DATE={example}` (airflow dags test; the run shows in {where})\n"
+            f"  to schedule: unpause {dag_id} (its toggle, or `airflow dags unpause {dag_id}`) once the lake gets "
+            "each day's landing.\n  While it is paused, runs you trigger and backfills wait; unpaused, they run, "
+            "and the latest night starts at once.")
+
+
 def main() -> int:
     """``python deploy/local_airflow.py``: start Airflow on this machine (what `make up` runs)."""
     import argparse
@@ -467,11 +519,16 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped by a process manager: stop what was started
     try:
         af.init()
-        af.start("api-server", "dag-processor", "scheduler", "triggerer", *(["celery-worker"] if celery else []))
+        af.start("api-server", "dag-processor")
         af.wait_ready()
         af.wait_for_dag("fraud_nightly")
+        schedule = schedule_state(af, args.lake)  # before the scheduler, which would start the latest night
+        af.start("scheduler", "triggerer", *(["celery-worker"] if celery else []))
         print(f"\nAirflow ({args.profile}) is up: {af.url}  (user {ADMIN_USER}; the password is in {password_file})")
         print(f"DAG fraud_nightly: {af.url}/dags/fraud_nightly   lake: {args.lake}")
+        print(f"reports: {af.url}/fraud-reports/ (\"Fraud reports\" in the UI's menu; \"Report\" and \"Alert list\" "
+              "on the score and report tasks)")
+        print(schedule)
         if connect:
             print(f"Spark: the steps run on the Spark Connect server {connect.url} (log {connect.log_path})")
         print(f"logs: {home}/*.log   stop with Ctrl-C")

@@ -118,7 +118,10 @@ class Demo:
         sys.path.insert(0, str(REPO_ROOT / "deploy"))
         from local_airflow import LocalAirflow
 
-        af = LocalAirflow(AIRFLOW_HOME, self.lake_uri, password="admin")
+        # the UI of `make up` (same home) reads the login from this home's passwords file: keep its password
+        password_file = AIRFLOW_HOME / "admin.password"
+        password = password_file.read_text().strip() if password_file.exists() else "admin"
+        af = LocalAirflow(AIRFLOW_HOME, self.lake_uri, password=password)
         os.environ.update({k: v for k, v in af.env.items() if k.startswith(("AIRFLOW", "FRAUD", "PATH"))})
         started = time.monotonic()
         af.init()

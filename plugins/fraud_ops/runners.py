@@ -9,6 +9,9 @@ the usual GPU taint toleration. The local process uses CUDA when the worker has 
 Each gets the lake's store from the AWS Connection at execute time (``fraud_ops.store``): the
 local process in its environment, the container in Docker's private environment, the pod from a
 Kubernetes Secret (``FRAUD_K8S_SECRET`` names one the cluster provides instead).
+
+``extra_links`` (any mode) adds operator links to the task, such as the report and alert-list
+links of ``fraud_ops.links``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Container, Sequence
 from pathlib import Path
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
 from fraud_ops.config import Orchestration
@@ -63,7 +66,8 @@ def step_env() -> dict[str, str]:
 
 class LocalProcessOperator(BaseOperator):
     """Runs an argv list (no shell) on the worker, streaming its output to the task log; the
-    process gets the store of ``lake`` (when it is on S3) in its environment."""
+    process gets the store of ``lake`` (when it is on S3) in its environment. ``extra_links``: the
+    task's operator links."""
 
     template_fields: Sequence[str] = ("command", "env", "lake")
 
@@ -75,9 +79,12 @@ class LocalProcessOperator(BaseOperator):
         lake: str | None = None,
         aws_conn_id: str | None = None,
         skip_on_exit_code: int | Container[int] | None = None,
+        extra_links: Sequence[BaseOperatorLink] = (),
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if extra_links:
+            self.operator_extra_links = (*type(self).operator_extra_links, *extra_links)
         self.command = command
         self.env = env
         self.lake = lake
@@ -143,8 +150,11 @@ def _docker_operator():
 
         template_fields: Sequence[str] = (*DockerOperator.template_fields, "lake")
 
-        def __init__(self, *, lake: str, aws_conn_id: str | None = None, **kwargs) -> None:
+        def __init__(self, *, lake: str, aws_conn_id: str | None = None,
+                     extra_links: Sequence[BaseOperatorLink] = (), **kwargs) -> None:
             super().__init__(**kwargs)
+            if extra_links:
+                self.operator_extra_links = (*type(self).operator_extra_links, *extra_links)
             self.lake = lake
             self.aws_conn_id = aws_conn_id
 
@@ -196,10 +206,12 @@ def _pod_operator():
         template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "lake")
 
         def __init__(self, *, lake: str, aws_conn_id: str | None = None, provided_secret: str | None = None,
-                     **kwargs) -> None:
+                     extra_links: Sequence[BaseOperatorLink] = (), **kwargs) -> None:
             if provided_secret:
                 kwargs["env_from"] = [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=provided_secret))]
             super().__init__(**kwargs)
+            if extra_links:
+                self.operator_extra_links = (*type(self).operator_extra_links, *extra_links)
             self.lake = lake
             self.aws_conn_id = aws_conn_id
             self.provided_secret = provided_secret
