@@ -433,6 +433,9 @@ class LocalAirflow:
         raise TimeoutError(f"runs not finished in {timeout}s: {[(r['run_id'], r['state']) for r in runs]}")
 
 
+LATE_LANDING_DAYS = 2  # a lake whose newest landing is this recent is a live one whose night is late
+
+
 def missing_night(lake_uri: str, now: datetime | None = None) -> tuple[date, list[date]] | None:
     """The night the nightly schedule would run at ``now`` (the last complete UTC day) when the
     lake has no landing for it, with the landing days the lake has; None when it has that night.
@@ -451,29 +454,47 @@ def missing_night(lake_uri: str, now: datetime | None = None) -> tuple[date, lis
     return night, [d for d in lake.partition_dates(Dataset.LANDING) if lake.landing_ready(d)]
 
 
-def schedule_state(af: LocalAirflow, lake_uri: str, dag_id: str = "fraud_nightly") -> str:
-    """Pause the DAG when the lake lacks the night its schedule would run now, unpause it when the
-    lake has it; called before the scheduler starts, so no run is created for a night the lake
-    does not have. Returns what to tell the user."""
-    try:
-        missing = missing_night(lake_uri)
-    except Exception as exc:  # noqa: BLE001 - an unreadable lake: hold the schedule, say why
+def schedule_state(af: LocalAirflow, lake_uri: str, dag_id: str = "fraud_nightly", now: datetime | None = None) -> str:
+    """Before the scheduler starts: pause the DAG when the lake holds only old days (its newest
+    landing more than ``LATE_LANDING_DAYS`` before the night the schedule would run now: a demo or
+    history lake), so no run is created for a night that will never land. A live lake whose night
+    is merely late keeps its schedule (the landing sensor waits for it). Only a pause made here is
+    undone here (a marker in the Airflow home): an operator's own pause stays. Returns what to tell
+    the user."""
+    marker = af.home / "paused-by-launcher"
+
+    def pause(message: str) -> str:
         af.set_paused(dag_id, True)
-        return (f"DAG {dag_id} is paused: the lake could not be read ({exc}); unpause it in the UI once it can.")
-    if missing is None:
-        af.set_paused(dag_id, False)
-        return f"DAG {dag_id} runs on its schedule: the lake has the landing of the latest night."
-    night, days = missing
+        marker.write_text(message + "\n")
+        return message
+
+    try:
+        missing = missing_night(lake_uri, now)
+    except Exception as exc:  # noqa: BLE001 - an unreadable lake: hold the schedule, say why
+        return pause(f"DAG {dag_id} is paused: the lake could not be read ({exc}); unpause it in the UI once it can.")
+    night = (missing or (None,))[0]
+    days = (missing or (None, []))[1]
+    live = missing is None or (days and days[-1] >= night - timedelta(days=LATE_LANDING_DAYS))
+    if live:
+        if marker.exists():  # this launcher paused it for an old lake: the lake is live now
+            af.set_paused(dag_id, False)
+            marker.unlink()
+        state = "paused (by you: unpause it in the UI)" if af.api("GET", f"/dags/{dag_id}")[1].get("is_paused") \
+            else "on its schedule"
+        if missing is None:
+            return f"DAG {dag_id} runs {state}: the lake has the landing of the latest night."
+        return (f"DAG {dag_id} runs {state}: the landing of {night} is not there yet (newest: {days[-1]}); "
+                "its run waits for it on the landing sensor.")
     held = f"{days[0]} .. {days[-1]}" if days else "none"
     example = days[-1] if days else "YYYY-MM-DD"
     where = "this UI" if af.home.resolve() == (REPO / ".airflow").resolve() else "the UI of `make up` (.airflow/)"
-    af.set_paused(dag_id, True)
-    return (f"DAG {dag_id} is paused: its schedule would now run the night of {night}, which the lake has no "
-            f"landing for\n(landing days in the lake: {held}): that run would only wait on its sensor.\n"
-            f"  to run a night of the lake now: `make run DATE={example}` (airflow dags test; the run shows in {where})\n"
-            f"  to schedule: unpause {dag_id} (its toggle, or `airflow dags unpause {dag_id}`) once the lake gets "
-            "each day's landing.\n  While it is paused, runs you trigger and backfills wait; unpaused, they run, "
-            "and the latest night starts at once.")
+    return pause(
+        f"DAG {dag_id} is paused: its schedule would now run the night of {night}, which the lake has no "
+        f"landing for\n(landing days in the lake: {held}): that run would only wait on its sensor.\n"
+        f"  to run a night of the lake now: `make run DATE={example}` (airflow dags test; the run shows in {where})\n"
+        f"  to schedule: unpause {dag_id} (its toggle, or `airflow dags unpause {dag_id}`) once the lake gets "
+        "each day's landing.\n  While it is paused, runs you trigger and backfills wait; unpaused, they run, "
+        "and the latest night starts at once.")
 
 
 def main() -> int:

@@ -172,7 +172,7 @@ class Demo:
         for gap in perf.get("missing", []):
             print(f"  no scores for {gap['date']}: {gap['reason']}")
         drift = report.get("drift") or {}
-        if drift.get("score"):
+        if drift.get("score") and drift["score"]["psi"] is not None:
             print(f"drift vs the champion's training data: score PSI {drift['score']['psi']:.3f} "
                   f"({drift['score']['verdict']}); inputs above {drift['threshold']}: "
                   f"{', '.join(drift['drifted_inputs']) or 'none'}")

@@ -14,7 +14,10 @@ population is stable, between 0.1 and ``PSI_DRIFT`` (0.25) it moved and is worth
 
 Deciles of the training data make every bin hold about a tenth of the training rows, so the index
 weighs every part of the distribution alike. An input with few distinct values (a 0/1 flag) gets
-fewer bins: equal cut points are merged. The weekend flag follows the calendar (a Sunday is all
+fewer bins: equal cut points are merged. The score's reference is the model's scores of its own
+training rows, which a model scores a little more sharply than rows it never saw: on unchanged
+data the score's index reads slightly above zero (0.04 on the demo's day D, a week after the
+champion's training window), far below the threshold. The weekend flag follows the calendar (a Sunday is all
 weekend): its index is shown and never flagged.
 """
 

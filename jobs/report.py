@@ -254,7 +254,7 @@ def drift_section(lake: Lake, day: date, model: dict) -> dict:
     reference = Registry(lake).reference(version)
     if reference is None:
         return {"status": f"the champion {version} has no drift reference (trained before references were kept): "
-                          f"python -m jobs.torch.registry --lake {lake.uri} reference {version}",
+                          f"python -m jobs.torch.registry reference {version} stores it",
                 "version": version}
     features = lake.read_table(Dataset.FEATURES, day, schema=FEATURE_SCHEMA, columns=list(MODEL_INPUTS))
     inputs = {name: features.column(name).to_numpy(zero_copy_only=False).astype(np.float64) for name in MODEL_INPUTS}
@@ -356,7 +356,7 @@ def plots(report: dict, frame: dict[str, np.ndarray], scores: np.ndarray, day: d
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(4.5, 3.6))
-    if drift.get("score"):
+    if drift.get("score") and drift["score"]["psi"] is not None:
         ref, got = drift["score"]["reference_shares"], drift["score"]["day_shares"]
         pos = np.arange(len(ref))
         ax.bar(pos - 0.2, ref, width=0.4, label="champion's training data")

@@ -131,6 +131,11 @@ def test_drift_is_measured_against_the_champions_training_data(lake, monkeypatch
     assert drift["score"]["psi"] is not None and len(drift["score"]["day_shares"]) == 10
     assert report["model"]["lineage"]["training_window"] == ["2018-04-01", "2018-04-07"]
     assert "TX_AMOUNT" in render_html(report, images)
+    # D published with no scores at all: the score has no index, and the report still renders
+    lake.write_table(Dataset.SCORES, D, SCORES_SCHEMA.empty_table())
+    report, images = build_report(lake, D)
+    assert report["drift"]["score"]["psi"] is None and report["drift"]["score"]["verdict"] == "n/a"
+    assert images["score_hist.png"][:4] == b"\x89PNG" and "Drift against" in render_html(report, images)
 
 
 def test_psi_reads_zero_for_the_same_population_and_grows_with_a_shift():

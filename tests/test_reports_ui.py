@@ -312,21 +312,31 @@ def test_the_launcher_knows_when_the_lake_lacks_the_night_the_schedule_would_run
 @pytest.mark.slow
 def test_the_launcher_pauses_the_dag_while_the_lake_lacks_that_night(server):
     """What `make up` does before it starts the scheduler: paused (and says how to go on) while the
-    lake has no landing for the night the schedule would run now; unpaused once it has."""
+    lake holds only old days; a live lake whose night is late keeps its schedule; only the
+    launcher's own pause is undone, an operator's pause stays."""
     from local_airflow import schedule_state
 
     from jobs.common.lake import Lake
 
     af, _ = server
-    said = schedule_state(af, af.env["FRAUD_LAKE_URI"])
-    status, dag = af.api("GET", "/dags/fraud_nightly")
-    assert status == 200 and dag["is_paused"] is True
-    yesterday = datetime.now(UTC).date() - timedelta(days=1)
-    assert f"the night of {yesterday}" in said and "make run DATE=" in said and "unpause" in said
-    _land(Lake.from_uri(af.env["FRAUD_LAKE_URI"]), yesterday)
-    said = schedule_state(af, af.env["FRAUD_LAKE_URI"])
-    status, dag = af.api("GET", "/dags/fraud_nightly")
-    assert status == 200 and dag["is_paused"] is False and "runs on its schedule" in said
+    lake = Lake.from_uri(af.env["FRAUD_LAKE_URI"])
+
+    def paused() -> bool:
+        status, dag = af.api("GET", "/dags/fraud_nightly")
+        assert status == 200
+        return dag["is_paused"]
+
+    now = datetime(2026, 12, 4, 21, tzinfo=UTC)
+    said = schedule_state(af, lake.uri, now=now)  # no recent landing in the lake: an old (demo) lake
+    assert paused() and "the night of 2026-12-03" in said and "make run DATE=" in said and "unpause" in said
+    _land(lake, date(2026, 12, 2))  # a live lake, the night of 12-03 late: the sensor waits for it
+    said = schedule_state(af, lake.uri, now=now)
+    assert not paused() and "not there yet" in said and "landing sensor" in said
+    _land(lake, date(2026, 12, 3))
+    assert "runs on its schedule" in schedule_state(af, lake.uri, now=now) and not paused()
+    af.set_paused("fraud_nightly", True)  # an operator's pause
+    said = schedule_state(af, lake.uri, now=now)
+    assert paused() and "paused (by you" in said
 
 
 def test_the_plugin_registers_the_pages_and_loads_them_only_when_served(tmp_path):

@@ -84,15 +84,6 @@ def integrated_gradients(loaded: Loaded, x: np.ndarray, history: CardHistory | N
     return attributions, both[:m].double().numpy(), both[m:].double().numpy()
 
 
-def top_rows(card: np.ndarray, score: np.ndarray, cards: np.ndarray) -> np.ndarray:
-    """Position of each card's highest-scoring row (the lowest position among equal scores)."""
-    mine = np.flatnonzero(np.isin(card, cards))
-    order = mine[np.lexsort((mine, -score[mine], card[mine]))]  # by card, then score desc, then position
-    first = np.unique(card[order], return_index=True)
-    where = dict(zip(first[0].tolist(), order[first[1]].tolist(), strict=True))
-    return np.array([where[c] for c in cards.tolist()], dtype=np.int64)
-
-
 def attribution_lists(x: np.ndarray, attributions: np.ndarray) -> list[list[dict]]:
     """Per row, every input with its value and attribution, largest effect first."""
     out = []

@@ -116,7 +116,10 @@ def report_file(lake, day: date, name: str) -> bytes:
         raise NotFound(f"no published report for {day}") from None
     if name not in files:
         raise NotFound(f"the report of {day} has no file {name}")
-    return lake.read_bytes(files[name])
+    try:
+        return lake.read_bytes(files[name])
+    except (LakeError, OSError):  # republished meanwhile and its old attempt removed: gone, not an error
+        raise NotFound(f"the report of {day} changed while it was read: reload the page") from None
 
 
 def neighbours(days: list[date], day: date) -> tuple[date | None, date | None]:
@@ -144,9 +147,8 @@ def alert_list(lake, day: date) -> tuple[list[str], list[dict], dict] | None:
     cards = sorted({r["CUSTOMER_ID"] for r in rows if r.get("CUSTOMER_ID") is not None})
     transactions: dict = {}
     if cards and lake.is_published(Dataset.SCORES, day):
-        scores = lake.read_table(Dataset.SCORES, day)
-        if scores.num_rows and all(c in scores.column_names for c in ("CUSTOMER_ID", *TRANSACTION_COLUMNS)):
-            scores = scores.select(["CUSTOMER_ID", *TRANSACTION_COLUMNS])
+        scores = lake.read_table(Dataset.SCORES, day, columns=list(dict.fromkeys(["CUSTOMER_ID", *TRANSACTION_COLUMNS])))
+        if scores.num_rows:
             wanted = pc.is_in(scores.column("CUSTOMER_ID"),
                               value_set=pa.array(cards, type=scores.schema.field("CUSTOMER_ID").type))
             ordered = scores.filter(wanted).sort_by([("CUSTOMER_ID", "ascending"), ("score", "descending"),
@@ -335,7 +337,12 @@ def create_app(lake_factory: Callable[[], object] = settings_lake):
             raise not_found(exc) from None
         previous, following = neighbours(report_days(lake), d)
         bar = header_bar(d, stale_count(lake, d), previous, following, up="../", current="alerts")
-        found = alert_list(lake, d)
+        from jobs.common.lake import LakeError
+
+        try:
+            found = alert_list(lake, d)
+        except (LakeError, OSError):  # republished while read: its old files removed
+            raise not_found(NotFound(f"the alert list of {d} changed while it was read: reload the page")) from None
         if found is None:
             reason = (lake.latest_run_record("score", d) or {}).get("reason")
             return html_page(alerts_page(d, bar, None, reason), status=404)
