@@ -136,6 +136,7 @@ class Demo:
 
     # --- summary ---------------------------------------------------------------------------------
     def summary(self, total: float) -> None:
+        from jobs.common.calendar import format_days
         from jobs.report import read_report, report_files
 
         report = read_report(self.lake, self.day)
@@ -169,8 +170,11 @@ class Demo:
             print("matured-label performance: no scored day has matured labels yet")
         if pooled:
             print(f"  (CP@{k} over all days: a card caught on an earlier day is not counted again)")
+        by_reason: dict[str, list[date]] = {}
         for gap in perf.get("missing", []):
-            print(f"  no scores for {gap['date']}: {gap['reason']}")
+            by_reason.setdefault(gap["reason"], []).append(date.fromisoformat(gap["date"]))
+        for reason, days in by_reason.items():
+            print(f"  no scores for {format_days(days)} ({len(days)} days): {reason}")
         drift = report.get("drift") or {}
         if drift.get("score") and drift["score"]["psi"] is not None:
             print(f"drift vs the champion's training data: score PSI {drift['score']['psi']:.3f} "
