@@ -459,3 +459,26 @@ def test_the_score_task_has_the_links_whatever_runs_it(monkeypatch, runner):
                       orchestration(), lake="s3://bucket/lake", extra_links=REPORT_LINKS)
     links = {link.name: link.get_link(task, ti_key=None) for link in task.operator_extra_links}
     assert links == {"Report": "/fraud-reports/2018-04-02", "Alert list": "/fraud-reports/2018-04-02/alerts"}
+
+
+def test_the_previous_and_next_report_skip_unpublished_days_and_read_few_manifests(tmp_path, monkeypatch):
+    """The bar's neighbours: the nearest published reports either way; a day whose report is being
+    written (a folder, no manifest) is passed over; manifests far from the day are never read."""
+    import pyarrow as pa
+    from fraud_ops.reports_ui import nearest_reports
+
+    from jobs.common.datasets import Dataset
+    from jobs.common.lake import Lake
+
+    lake = Lake.from_uri((tmp_path / "lake").as_uri())
+    days = [date(2018, 4, d) for d in (1, 2, 3, 6, 9)]
+    for day in days:
+        lake.write_table(Dataset.REPORTS, day, pa.table({"x": [1]}))
+    lake.new_attempt(Dataset.REPORTS, date(2018, 4, 4))  # being written: not a report yet
+    asked = []
+    real = Lake.is_published
+    monkeypatch.setattr(Lake, "is_published", lambda self, ds, d: asked.append(d) or real(self, ds, d))
+    assert nearest_reports(lake, date(2018, 4, 3)) == (date(2018, 4, 2), date(2018, 4, 6))
+    assert date(2018, 4, 1) not in asked and date(2018, 4, 9) not in asked and date(2018, 4, 4) in asked
+    assert nearest_reports(lake, date(2018, 4, 1)) == (None, date(2018, 4, 2))
+    assert nearest_reports(lake, date(2018, 4, 9)) == (date(2018, 4, 6), None)

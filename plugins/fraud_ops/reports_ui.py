@@ -122,11 +122,16 @@ def report_file(lake, day: date, name: str) -> bytes:
         raise NotFound(f"the report of {day} changed while it was read: reload the page") from None
 
 
-def neighbours(days: list[date], day: date) -> tuple[date | None, date | None]:
-    """The report days just before and just after ``day`` (``days`` newest first)."""
-    earlier = [d for d in days if d < day]
-    later = [d for d in days if d > day]
-    return (earlier[0] if earlier else None, later[-1] if later else None)
+def nearest_reports(lake, day: date) -> tuple[date | None, date | None]:
+    """The published reports just before and just after ``day``: one listing of the ``date=``
+    folders, then manifests read outwards from ``day`` only until one is found each way (a page
+    never reads every manifest of years of reports)."""
+    from jobs.common.datasets import Dataset
+
+    folders = lake.partition_dates(Dataset.REPORTS)
+    before = next((d for d in reversed(folders) if d < day and lake.is_published(Dataset.REPORTS, d)), None)
+    after = next((d for d in folders if d > day and lake.is_published(Dataset.REPORTS, d)), None)
+    return before, after
 
 
 def alert_list(lake, day: date) -> tuple[list[str], list[dict], dict] | None:
@@ -324,7 +329,7 @@ def create_app(lake_factory: Callable[[], object] = settings_lake):
             stored = report_file(lake, d, "report.html").decode("utf-8", errors="replace")
         except NotFound as exc:
             raise not_found(exc) from None
-        previous, following = neighbours(report_days(lake), d)
+        previous, following = nearest_reports(lake, d)
         bar = header_bar(d, stale_count(lake, d), previous, following, up="./", current="report")
         return html_page(with_bar(stored, bar))
 
@@ -335,7 +340,7 @@ def create_app(lake_factory: Callable[[], object] = settings_lake):
             d = reported_day(lake, day)
         except NotFound as exc:
             raise not_found(exc) from None
-        previous, following = neighbours(report_days(lake), d)
+        previous, following = nearest_reports(lake, d)
         bar = header_bar(d, stale_count(lake, d), previous, following, up="../", current="alerts")
         from jobs.common.lake import LakeError
 
