@@ -8,6 +8,7 @@ results, and that an event delivered late reaches only what is computed after it
 
 from __future__ import annotations
 
+import io
 import posixpath
 import shutil
 from datetime import date, datetime, timedelta
@@ -22,7 +23,8 @@ from pipeline import FIRST, LAST, SMALL, assert_same, build, by_training_key, ge
 from jobs.common.calendar import MICROS_PER_DAY, Calendar, day_range
 from jobs.common.lake import Dataset, Lake
 from jobs.common.schema import LABEL_EVENT_SCHEMA, LABEL_QUARANTINE_SCHEMA, RAW_SCHEMA, LabelQuarantineReason
-from jobs.spark import clean, windows
+from jobs.spark import clean, labels, windows
+from jobs.spark.landing import inspect_landing
 from jobs.torch.data import LabelEvents
 
 D1, D2 = date(2018, 4, 1), date(2018, 4, 2)
@@ -139,6 +141,40 @@ def test_a_missing_label_day_is_waited_for_and_the_feed_can_be_off(spark, lake, 
     assert clean.clean_days(spark, lake, [D1]) == 0
     manifest = lake.manifest(Dataset.CLEAN_LABELS, D1)
     assert manifest["rows"] == 0 and manifest["stats"]["label_feed"] == "off"
+
+
+@pytest.mark.spark
+def test_a_day_without_events_is_published_without_spark_as_spark_publishes_it(spark, lake, feed_on, tmp_path):
+    """A feed day whose files hold no row (none at all, a 0-byte CSV, a Parquet file of 0 rows) is
+    published with no Spark job, with the rows, statistics and lineage the Spark path gives it."""
+    empty_days = [D1, D2, date(2018, 4, 3)]
+    for day in empty_days:
+        land_transactions(lake, day, [tx(int(day.day), f"{day} 08:00:00")])
+    land_labels(lake, D1, None)
+    lake.write_bytes(posixpath.join(lake.partition_path(Dataset.LANDING_LABELS, D2), "events.csv"), b"")
+    lake.mark_landing_done(D2, Dataset.LANDING_LABELS)
+    landing = lake.partition_path(Dataset.LANDING_LABELS, empty_days[2])
+    no_rows = io.BytesIO()
+    pq.write_table(LABEL_EVENT_SCHEMA.empty_table().select(["TRANSACTION_ID", "TX_FRAUD", "REPORTED_AT"]), no_rows)
+    lake.write_bytes(posixpath.join(landing, "events.parquet"), no_rows.getvalue())
+    lake.mark_landing_done(empty_days[2], Dataset.LANDING_LABELS)
+    other = Lake.from_uri((tmp_path / "other").as_uri())
+    shutil.copytree(lake.path(""), tmp_path / "other")
+
+    for lk in (lake, other):  # the transactions, on Spark
+        assert clean.clean_batch(spark, lk, [inspect_landing(lk, d, clean.TRANSACTIONS) for d in empty_days]) == (3, None)
+    assert labels.clean_label_days(None, lake, empty_days) == (3, None)  # no Spark session: none is used
+    inspected = [inspect_landing(other, d, labels.LABELS) for d in empty_days]
+    assert all(day.known_empty for day in inspected)
+    assert labels.label_batch(spark, other, inspected) == (3, None)  # the Spark path, as the reference
+    for day in empty_days:
+        for dataset in (Dataset.CLEAN_LABELS, Dataset.QUARANTINE_LABELS):
+            mine, spark_made = lake.manifest(dataset, day), other.manifest(dataset, day)
+            assert mine["rows"] == spark_made["rows"] == 0
+            assert mine["stats"] == spark_made["stats"]
+            assert mine["lineage"]["inputs"] == spark_made["lineage"]["inputs"]
+            assert mine["lineage"]["parameters"] == spark_made["lineage"]["parameters"]
+            assert lake.read_table(dataset, day).schema == other.read_table(dataset, day).schema
 
 
 def test_the_latest_event_reported_at_or_before_t_wins_and_a_fraud_wins_a_tie():

@@ -233,6 +233,28 @@ def label_batch(spark: SparkSession, lake: Lake, days: Sequence[LandingDay]) -> 
                         round(time.time() - started, 3))
 
 
+def publish_empty(lake: Lake, days: Sequence[LandingDay]) -> tuple[int, Exception | None]:
+    """Publish label days whose files hold no event (known from their footers) as :func:`label_batch`
+    would (empty partitions, the same statistics and lineage), without a Spark job: most days of a
+    feed bring nothing, and a nightly run or a backfill would otherwise pay a Spark job per day."""
+    started = time.time()
+    cal = calendar()
+    parameters = {"label_lookback_days": cal.label_lookback_days}
+    schemas = {Dataset.QUARANTINE_LABELS: LABEL_QUARANTINE_SCHEMA, Dataset.CLEAN_LABELS: LABEL_EVENT_SCHEMA}
+    attempts = {ds: {d.day: lake.new_attempt(ds, d.day) for d in days} for ds in DATASETS}
+    try:
+        files = {ds: {d: [lake.write_parquet(attempt, schemas[ds].empty_table())] for d, attempt in by_day.items()}
+                 for ds, by_day in attempts.items()}
+    except Exception:
+        lake.discard(a for by_day in attempts.values() for a in by_day.values())
+        raise
+    stats = {d.day: day_stats([], len(d.files)) for d in days}
+    same = {d.day: lineage(STEP, [d.source], parameters) for d in days}
+    provenance = {ds: same for ds in DATASETS}
+    return publish_days(lake, STEP, [d.day for d in days], DATASETS, attempts, files, stats, provenance,
+                        round(time.time() - started, 3))
+
+
 def publish_without_feed(lake: Lake, days: Sequence[date]) -> tuple[int, Exception | None]:
     """No label feed: every day's label partitions are published empty (its inline labels are the only ones)."""
     attempts = {ds: {d: lake.new_attempt(ds, d) for d in days} for ds in DATASETS}
@@ -260,7 +282,11 @@ def clean_label_days(spark: SparkSession, lake: Lake, days: Sequence[date], feed
         except CleanError as exc:
             failure = exc
             break
-    if ready:
+    if ready and all(landing.known_empty for landing in ready):
+        done, error = publish_empty(lake, ready)  # nothing to check or write: no Spark job at all
+        if error is not None:
+            return done, error
+    elif ready:
         done, error = _batch_or_each(spark, lake, ready, label_batch)
         if error is not None:
             return done, error

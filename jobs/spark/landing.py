@@ -86,6 +86,7 @@ class LandingFile:
     fmt: str  # "csv" or "parquet"
     names: tuple[str, ...]  # header / column names; () for a 0-byte CSV (no header, no rows)
     layout: tuple[str, ...]  # names and types: files with equal layouts are read by one scan
+    rows: int | None = None  # data rows when known without a scan (a Parquet footer; 0 for a 0-byte CSV)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,11 @@ class LandingDay:
     day: date
     files: tuple[LandingFile, ...]
     source: dict  # the landing day as lineage names it (its digest: the delivered files)
+
+    @property
+    def known_empty(self) -> bool:
+        """True when the day's files hold no row, as known from their footers (or it has no file)."""
+        return all(f.rows == 0 for f in self.files)
 
 
 def inspect_landing(lake: Lake, day: date, source: Source) -> LandingDay:
@@ -114,16 +120,18 @@ def inspect_landing(lake: Lake, day: date, source: Source) -> LandingDay:
         if fmt == "csv":
             names = tuple(_csv_header(lake, info.path))
             layout = names
+            rows = None if names else 0
         else:
             try:
-                schema = pq.ParquetFile(info.path, filesystem=lake.fs).schema_arrow
+                footer = pq.ParquetFile(info.path, filesystem=lake.fs)
+                schema, rows = footer.schema_arrow, footer.metadata.num_rows
             except Exception as exc:
                 raise CleanError(f"cannot read Parquet file {uri}: {error_summary(exc)}") from exc
             names = tuple(schema.names)
             layout = tuple(f"{f.name}:{f.type}" for f in schema)
         if names:
             _match_columns(names, uri, source)
-        files.append(LandingFile(info.path, uri, lake.to_spark_uri(info.path), fmt, names, layout))
+        files.append(LandingFile(info.path, uri, lake.to_spark_uri(info.path), fmt, names, layout, rows))
     return LandingDay(day, tuple(files), input_record(lake, source.dataset, day))
 
 
