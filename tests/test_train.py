@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields, replace
 from datetime import date, timedelta
 
 import numpy as np
@@ -19,7 +20,7 @@ from jobs.common.lake import Dataset, Lake
 from jobs.common.schema import FEATURE_SCHEMA_VERSION, MODEL_INPUTS, customer_avg_amount
 from jobs.torch import registry as R
 from jobs.torch import train
-from jobs.torch.checkpoint import load_version
+from jobs.torch.checkpoint import checkpoint_bytes, load_version, model_config
 from jobs.torch.data import (
     TERMINAL_STEP,
     FeatureFrame,
@@ -30,7 +31,7 @@ from jobs.torch.data import (
     read_for_model,
 )
 from jobs.torch.fit import merge_ensemble
-from jobs.torch.model import ModelConfig
+from jobs.torch.model import InputTransform, ModelConfig, build_model
 from jobs.torch.predict import predict
 from jobs.torch.synthetic import publish_synthetic, synthetic_features
 
@@ -62,6 +63,27 @@ def test_config_is_a_dataclass_filled_from_argv():
                                        "--epochs", "3", "--seed", "7", "--device", "cpu"])
     assert (cfg.model, cfg.hidden, cfg.epochs, cfg.seed, cfg.device, cfg.window_days) == ("seq", [64, 32], 3, 7, "cpu", 7)
     assert cfg.recipe_hash() != train.TrainConfig.from_argv(["--date", "2018-04-15"]).recipe_hash()
+
+
+def test_the_gru_width_is_a_training_setting_and_a_stored_model_keeps_its_own():
+    """8 by default, set by --seq-hidden, part of the recipe; a model stored 32 wide (the width before
+    it was a setting) loads and scores 32 wide."""
+    default = train.TrainConfig.from_argv(["--date", "2018-04-15", "--model", "seq"])
+    wider = train.TrainConfig.from_argv(["--date", "2018-04-15", "--model", "seq", "--seq-hidden", "16"])
+    assert (default.model_config().seq_hidden, wider.model_config().seq_hidden) == (8, 16)
+    assert default.recipe_hash() != wider.recipe_hash()
+    # a 32-wide seq and every MLP keep the recipe hash they had before the width was a setting
+    # (their recipes are those fields without the width: it was not one of them)
+    before = {f.name for f in fields(train.TrainConfig)} - {"lake", "date", "device", "threads", "seq_hidden"}
+    for argv in (["--model", "seq", "--seq-hidden", "32"], ["--model", "mlp"]):
+        assert set(train.TrainConfig.from_argv(["--date", "2018-04-15", *argv]).recipe()) == before
+    assert set(default.recipe()) == before | {"seq_hidden"}
+    assert build_model(default.model_config()).gru.hidden_size == 8
+    old = replace(default.model_config(), seq_hidden=32)
+    x = torch.rand(64, len(MODEL_INPUTS)) * 10
+    ckpt = checkpoint_bytes(default.recipe(), model_config(old.to_dict()), build_model(old).eval(), InputTransform.fit(x))
+    loaded = load_version(ckpt, "seq-32")
+    assert loaded.config.seq_hidden == 32 and loaded.scorer.model.gru.hidden_size == 32
 
 
 def test_training_is_deterministic_on_cpu_and_writes_a_complete_version(tmp_path):

@@ -49,13 +49,16 @@ class InputTransform(nn.Module):
         return (derive(x) - self.mean) / self.std
 
 
+STORED_SEQ_HIDDEN = 32  # the GRU width of every seq model stored before the width was a training setting
+
+
 @dataclass
 class ModelConfig:
     kind: str = "mlp"  # mlp | seq
     hidden: list[int] = field(default_factory=lambda: [500])
     dropout: float = 0.2
     seq_len: int = 5  # seq: previous transactions of the card
-    seq_hidden: int = 32
+    seq_hidden: int = STORED_SEQ_HIDDEN  # the trainer's default is TrainConfig.seq_hidden
     # The day counts below are filled from the calendar by the trainer (jobs.torch.train) and stored
     # with the model, so a model scores with the history it was trained with.
     lookback_days: int = 0  # seq: feature days before the first target day searched for history
