@@ -179,7 +179,7 @@ def sign_in(page, url: str, user: str, password: str, shots: Screenshots) -> Non
     shots("login-form-filled")
     page.get_by_role("button", name="Sign in").click()
     expect(page).not_to_have_url(re.compile(r"/auth/login"))
-    expect(page.get_by_role("link", name="Dags")).to_be_visible()
+    expect(page.get_by_role("link", name="Dags", exact=True)).to_be_visible()  # not "Failed Dags" etc. of the dashboard
     shots("signed-in")
 
 
