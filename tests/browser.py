@@ -186,15 +186,14 @@ def sign_in(page, url: str, user: str, password: str, shots: Screenshots) -> Non
 # --- fixtures ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def airflow_ui(tmp_path_factory):
-    """An API server and a DAG processor of this repository's DAGs and plugins, no scheduler."""
+@contextlib.contextmanager
+def api_server(home: Path, lake_uri: str, env: dict[str, str] | None = None) -> Iterator:
+    """An API server and a DAG processor of this repository's DAGs and plugins (no scheduler), the
+    DAG parsed; stopped on the way out. Sensors poke rarely, so a run created meanwhile stays queued."""
     sys.path.insert(0, str(REPO / "deploy"))
     from local_airflow import LocalAirflow
 
-    home = tmp_path_factory.mktemp("airflow-ui")
-    # no scheduler, and sensors that poke rarely: a run the browser creates stays queued
-    af = LocalAirflow(home, (home / "lake").as_uri(), extra_env={"FRAUD_POKE_SECONDS": "600"})
+    af = LocalAirflow(home, lake_uri, extra_env={**(env or {}), "FRAUD_POKE_SECONDS": "600"})
     af.init()
     af.start("api-server", "dag-processor")
     try:
@@ -203,6 +202,14 @@ def airflow_ui(tmp_path_factory):
         yield af
     finally:
         af.stop()
+
+
+@pytest.fixture(scope="module")
+def airflow_ui(tmp_path_factory):
+    """An API server and a DAG processor of this repository's DAGs and plugins, no scheduler."""
+    home = tmp_path_factory.mktemp("airflow-ui")
+    with api_server(home, (home / "lake").as_uri()) as af:
+        yield af
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from browser import api_server
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "deploy"))
@@ -28,19 +29,9 @@ BAD_CONFS = [
 
 @pytest.fixture(scope="module")
 def airflow_api(tmp_path_factory):
-    from local_airflow import LocalAirflow
-
     home = tmp_path_factory.mktemp("airflow-api")
-    # Sensors poke rarely so that no queued run gets far before the test ends (no scheduler anyway).
-    af = LocalAirflow(home, (home / "lake").as_uri(), extra_env={"FRAUD_POKE_SECONDS": "600"})
-    af.init()
-    af.start("api-server", "dag-processor")
-    try:
-        af.wait_ready()
-        af.wait_for_dag("fraud_nightly")
+    with api_server(home, (home / "lake").as_uri()) as af:
         yield af
-    finally:
-        af.stop()
 
 
 def test_token_is_required(airflow_api):

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from datetime import date, datetime, timedelta
 
 import numpy as np
 import pytest
-from browser import REPO
+from browser import api_server
 
 pytestmark = pytest.mark.slow
 
@@ -75,9 +74,6 @@ def publish_history(lake) -> None:
 @pytest.fixture(scope="module")
 def airflow_ui(tmp_path_factory):
     """The API server and DAG processor on a lake with the history above and the report of D."""
-    sys.path.insert(0, str(REPO / "deploy"))
-    from local_airflow import LocalAirflow
-
     from jobs.common.lake import Lake
     from jobs.report import main as report_main
 
@@ -88,15 +84,8 @@ def airflow_ui(tmp_path_factory):
             mp.setenv(name, value)
         publish_history(lake)
         assert report_main(["--lake", lake.uri, "--date", D.isoformat()]) == 0
-    af = LocalAirflow(home / "airflow", lake.uri, extra_env={**ENV, "FRAUD_POKE_SECONDS": "600"})
-    af.init()
-    af.start("api-server", "dag-processor")
-    try:
-        af.wait_ready()
-        af.wait_for_dag("fraud_nightly")
+    with api_server(home / "airflow", lake.uri, ENV) as af:
         yield af
-    finally:
-        af.stop()
 
 
 def check_report_page(page, shots) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import pytest
+from browser import api_server
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "deploy"))
@@ -86,19 +87,10 @@ def build_lake(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from local_airflow import LocalAirflow
-
     home = tmp_path_factory.mktemp("reports-ui")
     stored = build_lake(home / "lake")
-    af = LocalAirflow(home / "airflow", (home / "lake").as_uri(), extra_env={**ENV, "FRAUD_POKE_SECONDS": "600"})
-    af.init()
-    af.start("api-server", "dag-processor")
-    try:
-        af.wait_ready()
-        af.wait_for_dag("fraud_nightly")
+    with api_server(home / "airflow", (home / "lake").as_uri(), ENV) as af:
         yield af, stored
-    finally:
-        af.stop()
 
 
 def get(af, path: str, token: str | None = None, accept: str | None = None) -> tuple[int, dict, bytes]:
