@@ -233,37 +233,36 @@ def label_batch(spark: SparkSession, lake: Lake, days: Sequence[LandingDay]) -> 
                         round(time.time() - started, 3))
 
 
+def _publish_no_events(lake: Lake, days: Sequence[date], stats: dict[date, dict], lineage_of: dict[date, dict],
+                       seconds: float) -> tuple[int, Exception | None]:
+    """Publish both label datasets of ``days`` empty, with the given statistics and lineage."""
+    schemas = {Dataset.QUARANTINE_LABELS: LABEL_QUARANTINE_SCHEMA, Dataset.CLEAN_LABELS: LABEL_EVENT_SCHEMA}
+    attempts = {ds: {d: lake.new_attempt(ds, d) for d in days} for ds in DATASETS}
+    try:
+        files = {ds: {d: [lake.write_parquet(attempts[ds][d], schemas[ds].empty_table())] for d in days}
+                 for ds in DATASETS}
+    except Exception:
+        lake.discard(a for by_day in attempts.values() for a in by_day.values())
+        raise
+    provenance = {ds: lineage_of for ds in DATASETS}
+    return publish_days(lake, STEP, list(days), DATASETS, attempts, files, stats, provenance, seconds)
+
+
 def publish_empty(lake: Lake, days: Sequence[LandingDay]) -> tuple[int, Exception | None]:
     """Publish label days whose files hold no event (known from their footers) as :func:`label_batch`
     would (empty partitions, the same statistics and lineage), without a Spark job: most days of a
     feed bring nothing, and a nightly run or a backfill would otherwise pay a Spark job per day."""
     started = time.time()
-    cal = calendar()
-    parameters = {"label_lookback_days": cal.label_lookback_days}
-    schemas = {Dataset.QUARANTINE_LABELS: LABEL_QUARANTINE_SCHEMA, Dataset.CLEAN_LABELS: LABEL_EVENT_SCHEMA}
-    attempts = {ds: {d.day: lake.new_attempt(ds, d.day) for d in days} for ds in DATASETS}
-    try:
-        files = {ds: {d: [lake.write_parquet(attempt, schemas[ds].empty_table())] for d, attempt in by_day.items()}
-                 for ds, by_day in attempts.items()}
-    except Exception:
-        lake.discard(a for by_day in attempts.values() for a in by_day.values())
-        raise
+    parameters = {"label_lookback_days": calendar().label_lookback_days}
     stats = {d.day: day_stats([], len(d.files)) for d in days}
-    same = {d.day: lineage(STEP, [d.source], parameters) for d in days}
-    provenance = {ds: same for ds in DATASETS}
-    return publish_days(lake, STEP, [d.day for d in days], DATASETS, attempts, files, stats, provenance,
-                        round(time.time() - started, 3))
+    lineage_of = {d.day: lineage(STEP, [d.source], parameters) for d in days}
+    return _publish_no_events(lake, [d.day for d in days], stats, lineage_of, round(time.time() - started, 3))
 
 
 def publish_without_feed(lake: Lake, days: Sequence[date]) -> tuple[int, Exception | None]:
     """No label feed: every day's label partitions are published empty (its inline labels are the only ones)."""
-    attempts = {ds: {d: lake.new_attempt(ds, d) for d in days} for ds in DATASETS}
-    schemas = {Dataset.QUARANTINE_LABELS: LABEL_QUARANTINE_SCHEMA, Dataset.CLEAN_LABELS: LABEL_EVENT_SCHEMA}
-    files = {ds: {d: [lake.write_parquet(attempts[ds][d], schemas[ds].empty_table())] for d in days}
-             for ds in DATASETS}
     stats = {d: {**day_stats([], 0), "label_feed": "off"} for d in days}
-    provenance = {ds: {d: lineage(STEP, [], {"label_feed": "off"}) for d in days} for ds in DATASETS}
-    return publish_days(lake, STEP, list(days), DATASETS, attempts, files, stats, provenance, 0.0)
+    return _publish_no_events(lake, days, stats, {d: lineage(STEP, [], {"label_feed": "off"}) for d in days}, 0.0)
 
 
 def clean_label_days(spark: SparkSession, lake: Lake, days: Sequence[date], feed: bool = True
