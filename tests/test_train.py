@@ -8,16 +8,17 @@ import os
 import subprocess
 import sys
 from dataclasses import fields, replace
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from jobs.common.calendar import MICROS_PER_DAY, Calendar
 from jobs.common.cli import EXIT_NO_CHAMPION, EXIT_WAITING
 from jobs.common.lake import Dataset, Lake
-from jobs.common.schema import FEATURE_SCHEMA_VERSION, MODEL_INPUTS, customer_avg_amount
+from jobs.common.schema import FEATURE_SCHEMA_VERSION, LABEL_EVENT_SCHEMA, MODEL_INPUTS, REPORTED_AT, customer_avg_amount
 from jobs.torch import registry as R
 from jobs.torch import train
 from jobs.torch.checkpoint import checkpoint_bytes, load_version, model_config
@@ -169,6 +170,31 @@ def test_decisions_wait_in_date_order_then_compare_with_the_champion(lake):
     assert d2["champion"] != d1["champion"]
     assert registry.champion_as_of(T2 - timedelta(days=1))["version"] == d1["champion"]
     assert registry.champion_as_of(T2)["version"] == d2["champion"]
+
+
+def test_a_label_event_arriving_after_a_training_day_retrains_the_validation_model(lake):
+    """The validation model of T2 is the configuration on the window ending T2-15 with the labels as
+    known on T2. T1's candidate had that window with the labels known on T1: it is reused only while
+    no label of the window changed in between."""
+    publish(lake, days=15)
+    assert run_train(lake, T1) == 0
+    first_champion = R.Registry(lake).decision(T1)["champion"]
+    clean = lake.read_table(Dataset.CLEAN, FIRST + timedelta(days=2))  # in T1's window, 04-01 .. 04-07
+    row = clean.slice(clean.num_rows // 2, 1).to_pylist()[0]  # a transaction of the validation window
+    arrived = T1 + timedelta(days=2)  # reported between the two training days: flipping its label
+    event = {"TRANSACTION_ID": row["TRANSACTION_ID"], "TX_FRAUD": 1 - row["TX_FRAUD"],
+             REPORTED_AT: datetime(arrived.year, arrived.month, arrived.day, 10),
+             **{name: row[name] for name in ("TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID")}}
+    lake.write_table(Dataset.CLEAN_LABELS, arrived, pa.Table.from_pylist([event], LABEL_EVENT_SCHEMA))
+    assert run_train(lake, T2) == 0
+    registry = R.Registry(lake)
+    validation = registry.decision(T2)["validation"]["candidate_version"]
+    assert validation != first_champion  # retrained, with the event: not T1's candidate
+    assert registry.version(validation)["training_key"] != registry.version(first_champion)["training_key"]
+    lineages = [json.loads(registry.read_file(v, R.LINEAGE)) for v in (first_champion, validation)]
+    assert [lin["labels_as_of"] for lin in lineages] == [T1.isoformat(), T2.isoformat()]
+    assert lineages[0]["labels_sha256"] != lineages[1]["labels_sha256"]
+    assert lineages[0]["window"] == lineages[1]["window"]
 
 
 def test_a_worse_configuration_is_refused(lake):

@@ -7,6 +7,7 @@ deterministic for a seed; on GPU batches run under bf16 autocast.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, replace
 from datetime import date
@@ -145,14 +146,34 @@ class Trained:
     history: CardHistory | None
 
 
+def read_training_data(lake: Lake, cfg: TrainConfig, window: list[date], cal: Calendar,
+                       labels_as_of: date | None = None) -> tuple[FeatureFrame, CardHistory | None]:
+    """The window's features (and for ``seq`` their history) with the targets as known before
+    ``labels_as_of`` (default: the day after the window, when they are all known)."""
+    return read_for_model(lake, window, cfg.model_config(), cal, labels_as_of or max(window) + ONE_DAY)
+
+
+def label_digest(frame: FeatureFrame, history: CardHistory | None) -> str:
+    """sha256 of every label a training reads: each row's target (with its transaction id) and, for
+    a ``seq`` model with terminal history, the labels of the terminal rows it sees. Two trainings
+    on the same features see the same labels exactly when these digests are equal."""
+    h = hashlib.sha256()
+    for part in (frame.txid, frame.label):
+        h.update(np.ascontiguousarray(part).tobytes())
+    if history is not None and history.terminal is not None:
+        h.update(np.ascontiguousarray(history.terminal[..., 0]).tobytes())
+    return h.hexdigest()
+
+
 def train_model(lake: Lake, cfg: TrainConfig, window: list[date], cal: Calendar, device: torch.device,
-                ddp: Dist | None = None, labels_as_of: date | None = None) -> Trained:
-    """Read the window's features and their targets as known before ``labels_as_of`` (default: the
-    day after the window, when they are all known), fit the scaler on them, train; the model comes
-    back on CPU."""
+                ddp: Dist | None = None, labels_as_of: date | None = None,
+                data: tuple[FeatureFrame, CardHistory | None] | None = None) -> Trained:
+    """Read the window's features and their targets as known before ``labels_as_of``
+    (:func:`read_training_data`; ``data``: already read), fit the scaler on them, train; the model
+    comes back on CPU."""
     mcfg = cfg.model_config()
     seed_everything(cfg.seed, device)
-    frame, history = read_for_model(lake, window, mcfg, cal, labels_as_of or max(window) + ONE_DAY)
+    frame, history = data if data is not None else read_training_data(lake, cfg, window, cal, labels_as_of)
     transform = InputTransform.fit(torch.from_numpy(frame.x))
     data = prepare(frame, history, transform)
     if cfg.ensemble <= 1:

@@ -5,7 +5,7 @@ On a scheduled training day T (docs/contract.md, "Training, evaluation and promo
 1. waits for the decision of the previous training day (exit 75 while it is missing),
 2. trains the candidate on the labelled window ending T-8 and registers it as a version,
 3. trains the same configuration on the window ending T-15 (or reuses a registered version
-   with the same configuration and inputs), scores it and the current champion on the labelled
+   with the same configuration, inputs and labels), scores it and the current champion on the labelled
    week T-14 .. T-8 with the reference test-set rule, and
 4. records the decision: the candidate becomes champion from T unless the configuration is worse
    than the champion on average precision by more than the tolerance (first day: promoted).
@@ -41,7 +41,7 @@ from jobs.torch import registry as R
 from jobs.torch.checkpoint import Loaded, checkpoint_bytes, export_bytes, load_version
 from jobs.torch.data import CardHistory, FeatureFrame, model_history_days
 from jobs.torch.evaluate import decide, fraud_labels
-from jobs.torch.fit import Dist, init_distributed, pick_device, train_model
+from jobs.torch.fit import Dist, init_distributed, label_digest, pick_device, read_training_data, train_model
 from jobs.torch.model import STORED_SEQ_HIDDEN, ModelConfig
 from jobs.torch.predict import predict
 
@@ -165,15 +165,16 @@ def train_version(lake: Lake, registry: R.Registry, cfg: TrainConfig, window: li
     if mcfg.kind == "seq":
         reach = model_history_days(mcfg.lookback_days, mcfg.terminal_len, mcfg.terminal_lookback_days)
         history_inputs = recorder.days(Dataset.FEATURES, cal.expected(cal.history_before(window, reach)))
+    started = time.time()
+    readable = lake.readable(Dataset.FEATURES, window)  # an abandoned day is trained without (lineage names it)
+    data = read_training_data(lake, cfg, readable, cal, labels_as_of=for_day)
+    labels = label_digest(*data)  # the targets as known on for_day: a late label event changes them
     training_key = R.content_hash({"recipe": cfg.recipe(), "inputs": inputs, "history": history_inputs,
-                                   "device": device.type, "threads": cfg.threads})[:24]
+                                   "labels": labels, "device": device.type, "threads": cfg.threads})[:24]
     found = registry.find_version(training_key)
     if found is not None:
         return found
-
-    started = time.time()
-    readable = lake.readable(Dataset.FEATURES, window)  # an abandoned day is trained without (lineage names it)
-    trained = train_model(lake, cfg, readable, cal, device, ddp, labels_as_of=for_day)
+    trained = train_model(lake, cfg, readable, cal, device, ddp, labels_as_of=for_day, data=data)
     seconds = time.time() - started
     if not ddp.main:
         return None
@@ -188,7 +189,8 @@ def train_version(lake: Lake, registry: R.Registry, cfg: TrainConfig, window: li
         "average_precision": M.average_precision(frame.label, train_scores),
     }
     lineage = {
-        **provenance_lineage("train", inputs, cfg.recipe()), "history_inputs": history_inputs,
+        **provenance_lineage("train", inputs, cfg.recipe()), "history_inputs": history_inputs, "labels_sha256": labels,
+        "labels_as_of": for_day.isoformat(),
         "seed": cfg.seed, "device": device.type, "threads": cfg.threads,
         "world_size": ddp.world, "torch": torch.__version__, "window": [d.isoformat() for d in window],
     }
