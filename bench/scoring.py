@@ -3,8 +3,9 @@ and alerts (``jobs.torch.score.score_day``), on a 10M-row synthetic feature day.
 
 The models are trained briefly on small synthetic data and registered as champions (throughput
 does not depend on what they learned). The sequence model also reads the days before for its
-history, as in production: the card's previous rows from D-7 .. D-1 (all columns) and the
-terminal's matured rows from D-14 .. D-8 (six columns), so it is measured on smaller days.
+history, as in production: the card's previous rows from D-7 .. D-1 (all columns), the
+terminal's matured rows from D-14 .. D-8 (five columns) and the labels of the clean transactions
+of D-14 .. D-7, so it is measured on smaller days.
 
 ``python -m bench scoring [--small]``
 """
@@ -28,14 +29,14 @@ from bench import markdown_table, write_section
 from jobs.common.calendar import Calendar, TrainingSchedule
 from jobs.common.lake import Dataset, Lake
 from jobs.common.progress import track
-from jobs.common.schema import MODEL_INPUTS, SCORES_SCHEMA
+from jobs.common.schema import FEATURE_SCHEMA, LABEL, MODEL_INPUTS, SCORES_SCHEMA
 from jobs.torch import registry as R
 from jobs.torch.checkpoint import checkpoint_bytes, load_version
 from jobs.torch.data import ID_READ, TerminalRows, read_for_model
 from jobs.torch.fit import train_model
 from jobs.torch.predict import SCORE_CHUNK, predict
 from jobs.torch.score import ID_COLUMNS, SCORES_PARQUET, score_day
-from jobs.torch.synthetic import synthetic_features
+from jobs.torch.synthetic import publish_synthetic, synthetic_features
 from jobs.torch.train import TrainConfig
 
 FIRST = date(2018, 4, 1)
@@ -71,17 +72,20 @@ def champion(lake: Lake, kind: str, window: list[date] | None = None) -> str:
     return version
 
 
-def reads(kind: str) -> list[tuple[date, tuple[str, ...]]]:
-    """The feature partitions and columns the scorer reads for DAY: the day's ids and inputs, and for
-    the sequence model the card history days (the same columns) and the days only the terminal
-    history reaches (its five columns)."""
+def reads(kind: str) -> list[tuple[str, date, tuple[str, ...]]]:
+    """The partitions and columns the scorer reads for DAY: the day's ids and inputs, and for the
+    sequence model the card history days (the same columns), the days only the terminal history
+    reaches (its five columns) and the labels of the days whose rows that history can show (the
+    clean transactions' ids, times and labels: the feed of this lake is empty)."""
     day_columns = tuple(dict.fromkeys((*ID_READ, *MODEL_INPUTS))) if kind == "seq" else (*ID_COLUMNS, *MODEL_INPUTS)
-    out = [(DAY, day_columns)]
+    out = [(Dataset.FEATURES, DAY, day_columns)]
     if kind == "seq":
         cal = Calendar(FIRST)
-        out += [(DAY - timedelta(days=i), day_columns) for i in range(1, cal.card_history_days + 1)]
-        out += [(DAY - timedelta(days=i), TerminalRows.COLUMNS)
+        out += [(Dataset.FEATURES, DAY - timedelta(days=i), day_columns) for i in range(1, cal.card_history_days + 1)]
+        out += [(Dataset.FEATURES, DAY - timedelta(days=i), TerminalRows.COLUMNS)
                 for i in range(cal.card_history_days + 1, cal.model_history_days + 1)]
+        out += [(Dataset.CLEAN, DAY - timedelta(days=i), ("TRANSACTION_ID", "TX_DATETIME", LABEL))
+                for i in range(cal.label_delay_days, cal.model_history_days + 1)]
     return out
 
 
@@ -92,7 +96,7 @@ def io_floor(lake: Lake, kind: str, threads: int, out_dir: Path) -> float:
     best = float("inf")
     for attempt in range(3):
         t0 = time.perf_counter()
-        jobs = [(path, cols) for day, cols in reads(kind) for path in lake.partition_files(Dataset.FEATURES, day)
+        jobs = [(path, cols) for dataset, day, cols in reads(kind) for path in lake.partition_files(dataset, day)
                 if path.endswith(".parquet")]
         with ThreadPoolExecutor(threads) as pool:
             tables = list(pool.map(lambda job: pq.read_table(job[0], filesystem=lake.fs, columns=list(job[1]),
@@ -128,7 +132,11 @@ def measure(kind: str, rows: int, threads: int) -> tuple[int, float, float, tupl
         champion(lake, kind)
         back = Calendar(FIRST).model_history_days if kind == "seq" else 0
         for day in (DAY - timedelta(days=i) for i in range(back, -1, -1)):
-            lake.write_table(Dataset.FEATURES, day, big_day(day, rows))
+            table = big_day(day, rows)
+            if kind == "seq":  # its terminal history reads the labels of the clean transactions
+                publish_synthetic(lake, day, table)
+            else:
+                lake.write_table(Dataset.FEATURES, day, table.select(FEATURE_SCHEMA.names))
         registry = R.Registry(lake, TrainingSchedule(FIRST, every_days=10_000, window_days=7))
         floor = io_floor(lake, kind, threads, Path(tmp))
         t0 = time.perf_counter()

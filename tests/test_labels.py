@@ -185,6 +185,21 @@ def test_the_latest_event_reported_at_or_before_t_wins_and_a_fraud_wins_a_tie():
     assert events.as_of(ask, at).tolist() == [0, 1, 1, 0, 1, 0, 1, 0]
 
 
+@pytest.mark.parametrize("queries", [40, 20_000], ids=["few", "many"])  # many: the queries are sorted first
+def test_label_lookups_agree_with_reading_every_event_in_turn(queries):
+    rng = np.random.default_rng(5)
+    n = 3_000  # ids with one event and ids with many, some at one instant, in no order
+    events = LabelEvents(rng.integers(0, 1_500, n) * 11, rng.integers(0, 50, n) * 1_000, rng.integers(0, 2, n).astype(np.int8))
+    ask, at = rng.integers(-10, 1_600, queries) * 11, rng.integers(-5, 55, queries) * 1_000
+    by_id: dict[int, list[tuple[int, int]]] = {}
+    for tx, when, label in zip(events.txid.tolist(), events.reported_us.tolist(), events.label.tolist()):
+        by_id.setdefault(tx, []).append((when, label))
+    expected = [max([e for e in by_id.get(tx, []) if e[0] <= t], default=(0, 0))[1]
+                for tx, t in zip(ask.tolist(), at.tolist())]
+    assert events.as_of(ask, at).tolist() == expected
+    assert 0 < sum(expected) < queries
+
+
 def test_terminal_risk_counts_a_label_only_once_reported():
     day = MICROS_PER_DAY
     terminal = np.array([1, 1, 1])

@@ -342,19 +342,27 @@ def test_the_key_time_order_breaks_same_instant_ties_by_transaction_id():
     assert np.all(np.diff(by.code) >= 0) and np.array_equal(by.key, key[by.order])
 
 
-def test_history_lookups_agree_with_the_three_key_sort_used_when_codes_would_overflow(monkeypatch):
+@pytest.mark.parametrize("terminals,days", [(4_000, 20), (1_000_000, 60)], ids=["dense-ids", "sparse-ids"])
+def test_history_lookups_agree_with_the_three_key_sort_used_when_codes_would_overflow(monkeypatch, terminals, days):
+    """Both the one-key sort and the three-key sort it replaces give the same history. With sparse
+    terminal ids over 60 days the (terminal, microsecond) code overflows unless the ids are first
+    replaced by their rank among the ids present, which is then the path taken."""
     from jobs.torch import data as D
 
     rng = np.random.default_rng(0)
 
     def frame(n: int, first_id: int, shift_days: int, first_terminal: int) -> FeatureFrame:
-        seconds = rng.integers(0, 20 * 86_400, n)  # whole seconds: many same-instant ties
+        seconds = rng.integers(0, days * 86_400, n)  # whole seconds: many same-instant ties
         return FeatureFrame(rng.random((n, len(MODEL_INPUTS)), dtype=np.float32) * 50,
                             (rng.random(n) < 0.1).astype(np.int8), rng.integers(0, 2_000, n),
                             (seconds + shift_days * 86_400) * 1_000_000, first_id + rng.permutation(n),
-                            rng.integers(first_terminal, 4_000, n))
+                            rng.integers(first_terminal, terminals, n))
 
-    pool, target = frame(20_000, 0, 0, 100), frame(3_000, 10**6, 10, 0)  # some target terminals have no rows
+    # target terminals below, among and above the pool's, many with no row in it
+    pool, target = frame(20_000, 0, 0, 100), frame(3_000, 10**6, 10, 0)
+    target.terminal[:50] = terminals + 7
+    terminal_order = D.order_by_key_time(pool.terminal, pool.time_us, pool.txid)
+    assert (terminal_order.slot_of is not None) == (terminals > 100_000) and terminal_order.code is not None
     fast = (D.build_history(target, pool, 5), D.build_terminal_history(target, TerminalRows.of_frame(pool), 5, 7, inline(pool)))
 
     def three_keys(key, time, txid):
