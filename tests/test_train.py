@@ -344,9 +344,10 @@ def test_the_key_time_order_breaks_same_instant_ties_by_transaction_id():
 
 @pytest.mark.parametrize("terminals,days", [(4_000, 20), (1_000_000, 60)], ids=["dense-ids", "sparse-ids"])
 def test_history_lookups_agree_with_the_three_key_sort_used_when_codes_would_overflow(monkeypatch, terminals, days):
-    """Both the one-key sort and the three-key sort it replaces give the same history. With sparse
-    terminal ids over 60 days the (terminal, microsecond) code overflows unless the ids are first
-    replaced by their rank among the ids present, which is then the path taken."""
+    """The one-key sort over the rows of the targets' keys and the three-key sort over every row give
+    the same history. With sparse terminal ids over 60 days the (terminal, microsecond) code
+    overflows unless the ids are first replaced by their rank among the ids present, which is then
+    the path taken."""
     from jobs.torch import data as D
 
     rng = np.random.default_rng(0)
@@ -370,6 +371,8 @@ def test_history_lookups_agree_with_the_three_key_sort_used_when_codes_would_ove
         return D.KeyTimeOrder(order, key[order], time[order], None)
 
     monkeypatch.setattr(D, "order_by_key_time", three_keys)
+    assert D.rows_with_keys(pool.terminal, target.terminal) is not None  # the fast path sorted fewer rows
+    monkeypatch.setattr(D, "rows_with_keys", lambda keys, wanted: None)  # every row, as before that
     slow = (D.build_history(target, pool, 5), D.build_terminal_history(target, TerminalRows.of_frame(pool), 5, 7, inline(pool)))
     assert np.array_equal(fast[0].prev, slow[0].prev) and np.array_equal(fast[0].gap_days, slow[0].gap_days)
     assert np.array_equal(fast[1], slow[1])

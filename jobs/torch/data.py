@@ -68,12 +68,26 @@ class FeatureFrame:
 _FRAME_FIELDS = ("x", "label", "card", "time_us", "txid", "terminal")
 
 
+_TILE_ROWS = 32_768  # rows of x filled at a time: a tile of [rows, 15] float32 stays in the core's cache
+
+
 def frame_from_table(table: pa.Table) -> FeatureFrame:
-    """Arrow table with the feature schema's columns -> FeatureFrame (vectorised)."""
+    """Arrow table with the feature schema's columns -> FeatureFrame (vectorised).
+
+    ``x`` is filled batch by batch and tile by tile: writing one whole column of a row-major
+    [n, 15] array at a time touches every row's cache line 15 times over (about 9x slower).
+    """
     n = table.num_rows
     x = np.empty((n, len(MODEL_INPUTS)), dtype=np.float32)
-    for j, name in enumerate(MODEL_INPUTS):
-        x[:, j] = table.column(name).to_numpy()
+    start = 0
+    for batch in table.select(list(MODEL_INPUTS)).to_batches():
+        columns = [c.to_numpy(zero_copy_only=False) for c in batch.columns]
+        for s in range(0, batch.num_rows, _TILE_ROWS):
+            e = min(s + _TILE_ROWS, batch.num_rows)
+            tile = x[start + s : start + e]
+            for j, column in enumerate(columns):
+                tile[:, j] = column[s:e]
+        start += batch.num_rows
     label = np.zeros(n, np.int8)  # the targets are attached apart (attach_targets)
     time_us = table.column("TX_DATETIME").cast(pa.timestamp("us")).cast(pa.int64()).to_numpy()
     return FeatureFrame(
@@ -272,14 +286,35 @@ class KeyTimeOrder:
 
 def _dense_slots(key: np.ndarray, key_min: int, key_count: int) -> np.ndarray | None:
     """key - key_min -> the rank of the key among the distinct keys present (a lookup table), when
-    the key range is at most a few times the rows; None for wider ranges."""
-    if key_count > 4 * len(key) + (1 << 20):
+    the key range is not much wider than the rows (:func:`_table_max_range`); None for wider ones."""
+    if key_count > _table_max_range(len(key)):
         return None
     present = np.zeros(key_count, dtype=bool)
     present[key - key_min] = True
     slots = np.cumsum(present, dtype=np.int64 if len(key) >= 2**31 else np.int32)
     slots -= 1
     return slots
+
+
+def _table_max_range(rows: int) -> int:
+    """The widest key range a lookup table over it may span for ``rows`` keys: 16 slots a row, and
+    up to 16M slots whatever the rows (a table costs at most 5 bytes a slot)."""
+    return 16 * rows + (1 << 24)
+
+
+def rows_with_keys(keys: np.ndarray, wanted: np.ndarray) -> np.ndarray | None:
+    """The positions of ``keys`` that are among ``wanted``, through a lookup table over the key
+    range; None when that range is too wide for a table or when at least 80% of the rows would stay
+    (sorting them all then costs about as much as selecting them)."""
+    if not len(keys) or not len(wanted):
+        return None
+    low, high = min(int(keys.min()), int(wanted.min())), max(int(keys.max()), int(wanted.max()))
+    if high - low + 1 > _table_max_range(len(keys) + len(wanted)):
+        return None
+    table = np.zeros(high - low + 1, dtype=bool)
+    table[wanted - low] = True
+    rows = np.flatnonzero(table[keys - low])
+    return rows if len(rows) < 0.8 * len(keys) else None
 
 
 def order_by_key_time(key: np.ndarray, time: np.ndarray, txid: np.ndarray) -> KeyTimeOrder:
@@ -330,8 +365,15 @@ def build_history(target: FeatureFrame, history: FeatureFrame, k: int, pool: Fea
     """
     pool = FeatureFrame.concat([history, target]) if pool is None else pool
     n_hist = len(history)
-    by = order_by_key_time(pool.card, pool.time_us, pool.txid)
-    order, sorted_card, sorted_time = by.order, by.key, by.time
+    rows = rows_with_keys(pool.card[:n_hist], target.card)  # history rows of cards the targets have
+    if rows is None:
+        by = order_by_key_time(pool.card, pool.time_us, pool.txid)
+        order = by.order
+    else:
+        rows = np.r_[rows, np.arange(n_hist, len(pool))]
+        by = order_by_key_time(pool.card[rows], pool.time_us[rows], pool.txid[rows])
+        order = rows[by.order]  # pool row numbers, in (card, time, id) order
+    sorted_card, sorted_time = by.key, by.time
     at = np.flatnonzero(order >= n_hist)  # the sorted positions holding target rows
     target_pos = np.empty(len(target), dtype=np.int64)
     target_pos[order[at] - n_hist] = at  # sorted position of each target row
@@ -398,6 +440,8 @@ def build_terminal_history(target: FeatureFrame, pool: TerminalRows | Sequence[T
         bound = cut.max()
         parts = [p if not (young := p.time_us > bound).any() else p.take(~young) for p in parts]
     pool = parts[0] if len(parts) == 1 else TerminalRows.concat(parts)
+    if (rows := rows_with_keys(pool.terminal, target.terminal)) is not None:
+        pool = pool.take(rows)  # only the terminals the targets have
     m = len(target)
     by = order_by_key_time(pool.terminal, pool.time_us, pool.txid)
     order, sorted_terminal = by.order, by.key
