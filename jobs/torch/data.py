@@ -480,41 +480,52 @@ def read_for_model(lake: Lake, days: Sequence[date], cfg, cal: Calendar, labels_
     """
     seq = cfg.kind == "seq"
     wanted = lake.readable(Dataset.FEATURES, cal.expected(history_days(days, cfg.lookback_days))) if seq else []
-    # history days and target days read as one frame (history first): the sequence model's pool of
-    # rows is then built once, not read into two frames and copied into a third
-    target_table = read_feature_table(lake, days)
-    history_table = read_feature_table(lake, wanted) if wanted else None
-    n_hist = history_table.num_rows if history_table is not None else 0
-    pool = frame_from_table(pa.concat_tables([history_table, target_table]) if n_hist else target_table)
-    target = pool.rows(n_hist, len(pool))
+    terminal_len = cfg.terminal_len if seq else 0
     older = ([d for d in lake.readable(Dataset.FEATURES, cal.expected(history_days(days, cfg.terminal_lookback_days)))
-              if d not in wanted] if seq and cfg.terminal_len else [])
-    events = None
-    if labels_as_of is not None or (seq and cfg.terminal_len):
-        # the labels read: the targets' (when asked for) and those of the rows the terminal history
-        # can show, which are at least the label delay older than the newest target day
+              if d not in wanted] if terminal_len else [])
+
+    def read_labels() -> LabelEvents | None:
+        """The targets' labels (when asked for) and those of the rows the terminal history can show,
+        which are at least the label delay older than the newest target day."""
+        if labels_as_of is None and not terminal_len:
+            return None
         matured = max(days) - timedelta(days=cfg.label_delay_days)
-        shown = [d for d in {*days, *wanted, *older} if d <= matured] if seq and cfg.terminal_len else []
+        shown = [d for d in {*days, *wanted, *older} if d <= matured] if terminal_len else []
         tx_days = sorted({*(days if labels_as_of is not None else []), *shown})
+        if not tx_days:
+            return LabelEvents(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int8))
         last = max(max(days), labels_as_of - ONE_DAY) if labels_as_of is not None else max(days)
-        events = (LabelEvents.read(lake, tx_days, day_range(min(tx_days), last), cal.label_delay_days) if tx_days
-                  else LabelEvents(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int8)))
-    if labels_as_of is not None:
-        attach_targets(target, events, labels_as_of)
-    if not seq:
-        return target, None
-    history = pool.rows(0, n_hist)
-    if not cfg.terminal_len:
-        return target, build_history(target, history, cfg.seq_len, pool=pool)
-    # the card and the terminal history are independent: numpy releases the GIL in its sorts and
-    # array passes, so the two run side by side on two cores
+        return LabelEvents.read(lake, tx_days, day_range(min(tx_days), last), cal.label_delay_days)
+
+    def read_older() -> TerminalRows | None:
+        """The days only the terminal history reaches: just the columns it needs."""
+        if not older:
+            return None
+        return TerminalRows.of_table(lake.read_days(Dataset.FEATURES, older, schema=FEATURE_SCHEMA,
+                                                    columns=list(TerminalRows.COLUMNS)))
+
+    # A second thread reads the labels and the older days while this one builds the feature frame,
+    # then links the card history while this one builds the terminal's: numpy and pyarrow release
+    # the GIL in their sorts, array passes and reads, so the two run side by side on two cores.
     with ThreadPoolExecutor(1) as side:
-        card = side.submit(build_history, target, history, cfg.seq_len, pool=pool)
-        parts = [TerminalRows.of_frame(pool)]
-        if older:  # days only the terminal history reaches: just the columns it needs
-            table = lake.read_days(Dataset.FEATURES, older, schema=FEATURE_SCHEMA, columns=list(TerminalRows.COLUMNS))
-            parts.insert(0, TerminalRows.of_table(table))
-        terminal = build_terminal_history(target, parts, cfg.terminal_len, cfg.label_delay_days, events)
+        labels, older_rows = side.submit(read_labels), side.submit(read_older)
+        # history days and target days read as one frame (history first): the sequence model's pool
+        # of rows is then built once, not read into two frames and copied into a third
+        target_table = read_feature_table(lake, days)
+        history_table = read_feature_table(lake, wanted) if wanted else None
+        n_hist = history_table.num_rows if history_table is not None else 0
+        pool = frame_from_table(pa.concat_tables([history_table, target_table]) if n_hist else target_table)
+        target, history = pool.rows(n_hist, len(pool)), pool.rows(0, n_hist)
+        card = side.submit(build_history, target, history, cfg.seq_len, pool=pool) if seq else None
+        events = labels.result()
+        if labels_as_of is not None:
+            attach_targets(target, events, labels_as_of)
+        if not seq:
+            return target, None
+        terminal = None
+        if terminal_len:
+            parts = [TerminalRows.of_frame(pool)] + ([older_rows.result()] if older else [])
+            terminal = build_terminal_history(target, parts[::-1], terminal_len, cfg.label_delay_days, events)
         out = card.result()
     out.terminal = terminal
     return target, out
