@@ -236,7 +236,11 @@ class CardSequenceModel(nn.Module):
                 terminal: torch.Tensor | None = None):
         p = present.unsqueeze(-1)
         steps = torch.cat([prev * p, torch.log1p(gap.clamp_min(0)).unsqueeze(-1) * p, p], dim=-1)
-        _, h = self.gru(torch.relu(self.step(steps)))
+        return self.after_step(z, self.step(steps), terminal)
+
+    def after_step(self, z: torch.Tensor, steps: torch.Tensor, terminal: torch.Tensor | None = None):
+        """The rest of :meth:`forward` from the step layer's output [B, k, seq_hidden]."""
+        _, h = self.gru(torch.relu(steps))
         parts = [z, h[-1]]
         if self.terminal_len:  # the terminal's matured rows go to the head as they are, oldest first
             if terminal is None:

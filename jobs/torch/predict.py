@@ -3,7 +3,8 @@
 The MLP path is built for throughput: the Arrow columns are read as numpy views (no pandas, no
 [n, 15] frame), the scaler is folded into the first layer, and chunks of ``SCORE_CHUNK`` rows are
 scored under ``inference_mode`` by one thread per core with single-threaded torch ops. The
-sequence model scales each history row once, then scores chunks the same way.
+sequence model projects each history row once through its step layer (the scaler folded in),
+then scores chunks the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from jobs.common.schema import MODEL_INPUTS
 from jobs.torch.checkpoint import Loaded
 from jobs.torch.data import CardHistory, FeatureFrame
-from jobs.torch.model import _AMOUNT, _AVERAGES, _COUNTS, N_DERIVED, Scorer, gather_rows
+from jobs.torch.model import _AMOUNT, _AVERAGES, _COUNTS, N_DERIVED, Scorer, derive, gather_rows
 
 SCORE_BATCH = 1 << 16
 SCORE_CHUNK = 1024  # rows per matmul: the [chunk, hidden] activations stay in the core's cache
@@ -68,6 +69,37 @@ class _FoldedMLP:
             if i < last:
                 h.relu_()
         out[start:stop] = torch.sigmoid_(h.squeeze(1)).numpy()
+
+
+class _FoldedSequence:
+    """The sequence model's step layer folded into its history rows, for CPU scoring.
+
+    The step layer sees ``[z * p, log1p(gap) * p, p]`` for a previous row with scaled features
+    ``z = (derive(raw) - mean) / std`` and presence ``p`` (0 or 1), so its output is
+    ``p * (W_z z + w_gap log1p(gap) + w_p) + b``, and ``W_z z = (W_z / std) derive(raw) - W_z (mean / std)``
+    depends on the row alone. Each history row is projected once to those ``seq_hidden`` numbers
+    (8 by default, against the 25 scaled features the module would gather for every use of it);
+    per scored row only the gap and presence terms are added. Scores match the module within
+    float32 rounding.
+    """
+
+    def __init__(self, scorer: Scorer):
+        t, step = scorer.transform, scorer.model.step
+        w, b = step.weight.detach().double(), step.bias.detach().double()
+        w_z = w[:, :N_DERIVED]
+        mean, std = t.mean.double(), t.std.double()
+        self.weight = (w_z / std).t().contiguous().float()  # [25, H]
+        self.bias = (-(w_z @ (mean / std))).float()
+        self.w_gap, self.w_present, self.step_bias = w[:, N_DERIVED].float(), w[:, N_DERIVED + 1].float(), b.float()
+
+    def project(self, raw: torch.Tensor) -> torch.Tensor:
+        """History rows' raw inputs [n, 15] -> their part of the step layer's output [n, H]."""
+        return torch.addmm(self.bias, derive(raw), self.weight)
+
+    def steps(self, projected: torch.Tensor, gap: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """The step layer's output [B, k, H] from the gathered projections [B, k, H]."""
+        u = torch.log1p(gap.clamp_min(0)).unsqueeze(-1) * self.w_gap
+        return u.add_(projected).add_(self.w_present).mul_(present.unsqueeze(-1)).add_(self.step_bias)
 
 
 def _run_chunks(fn, n: int, chunk: int, workers: int) -> None:
@@ -122,26 +154,26 @@ def predict(loaded: Loaded, frame: FeatureFrame, history: CardHistory | None = N
         raise ValueError(f"model {loaded.version} is a sequence model: it needs the card history")
     out = np.empty(len(frame), dtype=np.float64)
     scorer = loaded.scorer
+    folded = _FoldedSequence(scorer)
     x = torch.from_numpy(frame.x)
     prev_all, gap_all = torch.from_numpy(history.prev), torch.from_numpy(history.gap_days)
     raw_pool = torch.from_numpy(history.pool)
-    pool = torch.empty(raw_pool.shape[0], N_DERIVED)  # the transform once per pool row, not per use
+    projected = torch.empty(raw_pool.shape[0], folded.weight.shape[1])  # once per pool row, not per use
     chunk = 8192
 
-    def scale(s: int, e: int) -> None:
-        pool[s:e] = scorer.transform(raw_pool[s:e])
+    def project(s: int, e: int) -> None:
+        projected[s:e] = folded.project(raw_pool[s:e])
 
     terminal_all = torch.from_numpy(history.terminal) if history.terminal is not None else None
 
     def score(s: int, e: int) -> None:
         prev = prev_all[s:e]
-        present = (prev >= 0).float()
-        z = scorer.transform(x[s:e])
+        steps = folded.steps(gather_rows(projected, prev), gap_all[s:e], (prev >= 0).float())
         terminal = terminal_all[s:e] if terminal_all is not None else None
-        out[s:e] = torch.sigmoid(scorer.model(z, gather_rows(pool, prev), gap_all[s:e], present, terminal)).numpy()
+        out[s:e] = torch.sigmoid(scorer.model.after_step(scorer.transform(x[s:e]), steps, terminal)).numpy()
 
     workers = workers or score_workers()
-    _run_chunks(scale, len(pool), chunk, workers)
+    _run_chunks(project, len(raw_pool), chunk, workers)
     _run_chunks(score, len(frame), chunk, workers)
     return out
 
