@@ -158,11 +158,17 @@ def predict(loaded: Loaded, frame: FeatureFrame, history: CardHistory | None = N
     x = torch.from_numpy(frame.x)
     prev_all, gap_all = torch.from_numpy(history.prev), torch.from_numpy(history.gap_days)
     raw_pool = torch.from_numpy(history.pool)
-    projected = torch.empty(raw_pool.shape[0], folded.weight.shape[1])  # once per pool row, not per use
+    # once per pool row some scored row looks back at, not per use (and not for the rows none does:
+    # they stay 0, as does what a missing previous row gathers before its presence of 0 masks it)
+    used = np.zeros(len(history.pool), dtype=bool)
+    used[history.prev[history.prev >= 0]] = True
+    rows = torch.from_numpy(np.flatnonzero(used))
+    projected = torch.zeros(raw_pool.shape[0], folded.weight.shape[1])
     chunk = 8192
 
     def project(s: int, e: int) -> None:
-        projected[s:e] = folded.project(raw_pool[s:e])
+        r = rows[s:e]
+        projected.index_copy_(0, r, folded.project(raw_pool.index_select(0, r)))
 
     terminal_all = torch.from_numpy(history.terminal) if history.terminal is not None else None
 
@@ -173,7 +179,7 @@ def predict(loaded: Loaded, frame: FeatureFrame, history: CardHistory | None = N
         out[s:e] = torch.sigmoid(scorer.model.after_step(scorer.transform(x[s:e]), steps, terminal)).numpy()
 
     workers = workers or score_workers()
-    _run_chunks(project, len(raw_pool), chunk, workers)
+    _run_chunks(project, len(rows), chunk, workers)
     _run_chunks(score, len(frame), chunk, workers)
     return out
 
