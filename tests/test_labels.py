@@ -192,10 +192,10 @@ def test_label_lookups_agree_with_reading_every_event_in_turn(queries):
     events = LabelEvents(rng.integers(0, 1_500, n) * 11, rng.integers(0, 50, n) * 1_000, rng.integers(0, 2, n).astype(np.int8))
     ask, at = rng.integers(-10, 1_600, queries) * 11, rng.integers(-5, 55, queries) * 1_000
     by_id: dict[int, list[tuple[int, int]]] = {}
-    for tx, when, label in zip(events.txid.tolist(), events.reported_us.tolist(), events.label.tolist()):
+    for tx, when, label in zip(events.txid.tolist(), events.reported_us.tolist(), events.label.tolist(), strict=True):
         by_id.setdefault(tx, []).append((when, label))
     expected = [max([e for e in by_id.get(tx, []) if e[0] <= t], default=(0, 0))[1]
-                for tx, t in zip(ask.tolist(), at.tolist())]
+                for tx, t in zip(ask.tolist(), at.tolist(), strict=True)]
     assert events.as_of(ask, at).tolist() == expected
     assert 0 < sum(expected) < queries
 

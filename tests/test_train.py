@@ -18,7 +18,13 @@ import torch
 from jobs.common.calendar import MICROS_PER_DAY, Calendar
 from jobs.common.cli import EXIT_NO_CHAMPION, EXIT_WAITING
 from jobs.common.lake import Dataset, Lake
-from jobs.common.schema import FEATURE_SCHEMA_VERSION, LABEL_EVENT_SCHEMA, MODEL_INPUTS, REPORTED_AT, customer_avg_amount
+from jobs.common.schema import (
+    FEATURE_SCHEMA_VERSION,
+    LABEL_EVENT_SCHEMA,
+    MODEL_INPUTS,
+    REPORTED_AT,
+    customer_avg_amount,
+)
 from jobs.torch import registry as R
 from jobs.torch import train
 from jobs.torch.checkpoint import checkpoint_bytes, load_version, model_config
