@@ -107,14 +107,16 @@ def read_feature_table(lake: Lake, days: Sequence[date], missing_ok: bool = Fals
 
 def read_frame(lake: Lake, days: Sequence[date]) -> tuple[FeatureFrame, list[int]]:
     """The published feature partitions of ``days`` as one frame (in that order) and each day's
-    rows, read a day at a time: a day's Arrow buffers go back to the system once copied, so the
-    range is never held as Arrow tables and numpy arrays at once."""
+    rows, read a day at a time: a day's Arrow buffers are free for the next day's once copied, and
+    all go back to the system at the end, so the range is never held as Arrow tables and numpy
+    arrays at once. (Handing them back after every day costs about 0.4 s at 8M rows, for no lower
+    peak: the allocator reuses them.)"""
     parts = []
     for day in days:
         table = read_feature_table(lake, [day])
         parts.append(frame_from_table(table))
         del table
-        pa.default_memory_pool().release_unused()  # the allocator would keep them for itself otherwise
+    pa.default_memory_pool().release_unused()  # the allocator would keep them for itself otherwise
     return (parts[0] if len(parts) == 1 else FeatureFrame.concat(parts)), [len(p) for p in parts]
 
 
