@@ -160,13 +160,7 @@ class LabelEvents:
         """
         order = np.argsort(self.txid, kind="stable")
         ids = self.txid[order]
-        same = ids[1:] == ids[:-1]
-        if same.any():
-            run = np.zeros(len(order), dtype=bool)
-            run[1:] |= same
-            run[:-1] |= same
-            rows = order[run]
-            order[run] = rows[np.lexsort((self.label[rows], self.reported_us[rows], self.txid[rows]))]
+        sort_tied_runs(order, ids[1:] == ids[:-1], self.label, self.reported_us, self.txid)
         return ids, self.reported_us[order], self.label[order]
 
     def as_of(self, txids: np.ndarray, at_us: np.ndarray | int) -> np.ndarray:
@@ -178,8 +172,8 @@ class LabelEvents:
         if len(self.txid) == 0 or len(txids) == 0:
             return out
         ids, reported, labels = self._index
-        first = search_sorted(ids, txids, side="left")  # the query's events are first .. stop - 1
-        lo, hi = first.copy(), search_sorted(ids, txids, side="right")
+        first, hi = search_bounds(ids, txids)  # the query's events are first .. hi - 1
+        lo = first.copy()
         active = np.flatnonzero(lo < hi)
         while active.size:  # per query, a binary search for the first of its events reported after at
             mid = (lo[active] + hi[active]) // 2
@@ -245,13 +239,34 @@ def search_sorted(a: np.ndarray, v: np.ndarray, side: str = "left") -> np.ndarra
     into 8M values); sorted, each search starts near the last one's result and the whole lookup,
     the sort included, takes about a tenth of that.
     """
+    return search_bounds(a, v, (side,))[0]
+
+
+def search_bounds(a: np.ndarray, v: np.ndarray, sides: Sequence[str] = ("left", "right")) -> list[np.ndarray]:
+    """:func:`search_sorted` for several sides at once, the queries sorted only once."""
     v = np.asarray(v)
     if len(v) < 4096:
-        return np.searchsorted(a, v, side=side)
+        return [np.searchsorted(a, v, side=side) for side in sides]
     order = np.argsort(v)
-    out = np.empty(len(v), dtype=np.intp)
-    out[order] = np.searchsorted(a, v[order], side=side)
-    return out
+    in_order = v[order]
+    outs = []
+    for side in sides:
+        out = np.empty(len(v), dtype=np.intp)
+        out[order] = np.searchsorted(a, in_order, side=side)
+        outs.append(out)
+    return outs
+
+
+def sort_tied_runs(order: np.ndarray, tied: np.ndarray, *keys: np.ndarray) -> None:
+    """Re-sort in place the runs of ``order`` whose neighbours are ``tied`` (``tied[i]``: positions i
+    and i + 1 compare equal) by ``keys`` (``np.lexsort`` order: the last key is the primary one)."""
+    if not tied.any():
+        return
+    run = np.zeros(len(order), dtype=bool)
+    run[1:] |= tied
+    run[:-1] |= tied
+    rows = order[run]
+    order[run] = rows[np.lexsort(tuple(k[rows] for k in keys))]
 
 
 @dataclass
@@ -354,13 +369,8 @@ def order_by_key_time(key: np.ndarray, time: np.ndarray, txid: np.ndarray) -> Ke
         code = slot * span + (time - time_min + 1)
         order = np.argsort(code, kind="stable")  # one key: about 2.5x quicker than lexsort((txid, code))
         sorted_code = code[order]
-        tied = sorted_code[1:] == sorted_code[:-1]
-        if tied.any():  # rows of one key at one instant (rare): those runs re-sorted by transaction id
-            run = np.zeros(len(order), dtype=bool)
-            run[1:] |= tied
-            run[:-1] |= tied
-            rows = order[run]
-            order[run] = rows[np.lexsort((txid[rows], code[rows]))]
+        # rows of one key at one instant (rare): those runs re-sorted by transaction id
+        sort_tied_runs(order, sorted_code[1:] == sorted_code[:-1], txid, code)
         # the sorted keys and times from the sorted code: arithmetic, not two more random gathers
         sorted_slot, sorted_offset = np.divmod(sorted_code, span)
         sorted_key = key[order] if slot_of is not None else sorted_slot + key_min
