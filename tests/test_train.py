@@ -336,6 +336,36 @@ def test_terminal_history_holds_only_matured_rows_of_the_same_terminal_oldest_fi
     assert not hist[2].any()
 
 
+def test_the_history_frame_is_filled_day_by_day_in_place_and_checked_against_the_manifests(tmp_path):
+    """``read_frame`` sizes the frame from the manifests and copies each day into its place: the
+    result equals the days read one by one and concatenated; a manifest whose row count does not
+    match its files is refused with the day named, not read into a frame of the wrong size."""
+    import posixpath
+
+    from jobs.common.lake import MANIFEST
+    from jobs.torch.data import read_frame
+
+    lake = Lake.from_uri(tmp_path.as_uri())
+    days = [FIRST + timedelta(days=i) for i in range(3)]
+    for i, day in enumerate(days):
+        publish_synthetic(lake, day, synthetic_features(day, 300 + 50 * i, seed=i, cards=40))
+    frame, counts = read_frame(lake, days)
+    assert counts == [300, 350, 400]
+    expected = FeatureFrame.concat([read_features(lake, [d]) for d in days])
+    for name in ("x", "card", "time_us", "txid", "terminal"):
+        assert np.array_equal(getattr(frame, name), getattr(expected, name)), name
+    assert not frame.label.any()
+    path = posixpath.join(lake.partition_path(Dataset.FEATURES, days[1]), MANIFEST)
+    manifest = lake.read_json(path)
+    files = [{**f, "rows": f["rows"] - 1} if f["name"].endswith(".parquet") else f for f in manifest["files"]]
+    lake.write_json(path, {**manifest, "files": files})
+    with pytest.raises(ValueError, match=f"features of {days[1]}: the manifest names 349 rows, its files hold 350"):
+        read_frame(lake, days)
+    lake.write_json(path, {**manifest, "files": [{k: v for k, v in f.items() if k != "rows"} for f in files]})
+    frame, counts = read_frame(lake, days)  # a manifest without row counts: the days are read first
+    assert counts == [300, 350, 400] and np.array_equal(frame.txid, expected.txid)
+
+
 def test_the_key_time_order_breaks_same_instant_ties_by_transaction_id():
     from jobs.torch.data import order_by_key_time
 
@@ -343,26 +373,37 @@ def test_the_key_time_order_breaks_same_instant_ties_by_transaction_id():
     n = 50_000
     key, time = rng.integers(0, 300, n), rng.integers(0, 400, n) * 1_000_000  # many same-instant ties
     txid = rng.permutation(n).astype(np.int64) + 10**9
-    by = order_by_key_time(key, time, txid)
-    assert np.array_equal(by.order, np.lexsort((txid, time, key)))
-    assert np.all(np.diff(by.code) >= 0) and np.array_equal(by.key, key[by.order])
+    for step in (1_000_000, 1_000, 1):  # codes in seconds, milliseconds and microseconds
+        shifted = time // 1_000_000 * step + 17
+        by = order_by_key_time(key, shifted, txid)
+        assert by.unit == step
+        assert np.array_equal(by.order, np.lexsort((txid, shifted, key)))
+        assert np.all(np.diff(by.code) >= 0) and np.array_equal(by.key, key[by.order])
+        assert np.array_equal(by.time, shifted[by.order])
+        # "the rows at or before t": the same as counting them, for times on and between the rows'
+        queries = shifted[:2_000] + rng.integers(-2, 3, 2_000) * max(step // 2, 1)
+        qkeys = key[:2_000]
+        counts = np.array([np.count_nonzero((key < k) | ((key == k) & (shifted <= t))) for k, t in zip(qkeys, queries,
+                                                                                                     strict=True)])
+        assert np.array_equal(by.rows_at_or_before(qkeys, queries), counts)
 
 
 @pytest.mark.parametrize("terminals,days", [(4_000, 20), (1_000_000, 60)], ids=["dense-ids", "sparse-ids"])
 def test_history_lookups_agree_with_the_three_key_sort_used_when_codes_would_overflow(monkeypatch, terminals, days):
     """The one-key sort over the rows of the targets' keys and the three-key sort over every row give
-    the same history. With sparse terminal ids over 60 days the (terminal, microsecond) code
-    overflows unless the ids are first replaced by their rank among the ids present, which is then
-    the path taken."""
+    the same history. With sparse terminal ids over 60 days, at microsecond resolution, the
+    (terminal, microsecond) code overflows unless the ids are first replaced by their rank among the
+    ids present, which is then the path taken; with whole seconds the code counts seconds."""
     from jobs.torch import data as D
 
     rng = np.random.default_rng(0)
 
     def frame(n: int, first_id: int, shift_days: int, first_terminal: int) -> FeatureFrame:
-        seconds = rng.integers(0, days * 86_400, n)  # whole seconds: many same-instant ties
+        seconds = rng.integers(0, days * 86_400, n)  # few instants: many same-instant ties
+        micros = rng.integers(0, 2, n) if terminals > 100_000 else 0  # not whole seconds: a microsecond code
         return FeatureFrame(rng.random((n, len(MODEL_INPUTS)), dtype=np.float32) * 50,
                             (rng.random(n) < 0.1).astype(np.int8), rng.integers(0, 2_000, n),
-                            (seconds + shift_days * 86_400) * 1_000_000, first_id + rng.permutation(n),
+                            (seconds + shift_days * 86_400) * 1_000_000 + micros, first_id + rng.permutation(n),
                             rng.integers(first_terminal, terminals, n))
 
     # target terminals below, among and above the pool's, many with no row in it
@@ -370,6 +411,7 @@ def test_history_lookups_agree_with_the_three_key_sort_used_when_codes_would_ove
     target.terminal[:50] = terminals + 7
     terminal_order = D.order_by_key_time(pool.terminal, pool.time_us, pool.txid)
     assert (terminal_order.slot_of is not None) == (terminals > 100_000) and terminal_order.code is not None
+    assert terminal_order.unit == (1 if terminals > 100_000 else 1_000_000)
     fast = (D.build_history(target, pool, 5), D.build_terminal_history(target, TerminalRows.of_frame(pool), 5, 7, inline(pool)))
 
     def three_keys(key, time, txid):
