@@ -124,9 +124,9 @@ def split(lake: Lake, registry: R.Registry, threads: int) -> tuple[float, float]
     return t1 - t0, time.perf_counter() - t1
 
 
-def measure(kind: str, rows: int, threads: int) -> tuple[int, float, float, tuple[float, float] | None]:
-    """(rows, seconds of score_day, seconds of the I/O floor, the sequence model's split) on one
-    synthetic lake."""
+def measure(kind: str, rows: int, threads: int) -> tuple[int, list[float], float, tuple[float, float] | None]:
+    """(rows, seconds of three runs of score_day, seconds of the I/O floor, the sequence model's
+    split) on one synthetic lake."""
     with tempfile.TemporaryDirectory() as tmp:
         lake = Lake.from_uri(Path(tmp).as_uri())
         champion(lake, kind)
@@ -139,11 +139,13 @@ def measure(kind: str, rows: int, threads: int) -> tuple[int, float, float, tupl
                 lake.write_table(Dataset.FEATURES, day, table.select(FEATURE_SCHEMA.names))
         registry = R.Registry(lake, TrainingSchedule(FIRST, every_days=10_000, window_days=7))
         floor = io_floor(lake, kind, threads, Path(tmp))
-        t0 = time.perf_counter()
-        summary = score_day(lake, registry, DAY, 100, {}, workers=threads)
-        seconds = time.perf_counter() - t0
-        assert summary["rows"] == rows
-        return rows, seconds, floor, split(lake, registry, threads) if kind == "seq" else None
+        runs = []
+        for _ in range(3):  # best of 3, as the floor: each run loads the model and republishes the day
+            t0 = time.perf_counter()
+            summary = score_day(lake, registry, DAY, 100, {}, workers=threads)
+            runs.append(time.perf_counter() - t0)
+            assert summary["rows"] == rows
+        return rows, runs, floor, split(lake, registry, threads) if kind == "seq" else None
 
 
 def main(flags: list[str]) -> int:
@@ -153,24 +155,29 @@ def main(flags: list[str]) -> int:
     results, splits = [], []
     cases = (("mlp", 1_000_000 if small else 10_000_000), ("seq", 100_000 if small else 1_000_000))
     for kind, rows in track(cases, "bench scoring", unit="models"):  # on a terminal only
-        n, s, floor, parts = measure(kind, rows, threads)
+        n, runs, floor, parts = measure(kind, rows, threads)
+        s = min(runs)
         if parts:
             history_s, model_s = parts
             splits.append(f"- `seq` at {n:,} rows, its parts run apart: reading the features and building the card "
                           f"and terminal history {history_s:.2f} s, the model on the prepared arrays {model_s:.2f} s "
                           f"({model_s / floor:.1f}x the floor by itself: with no history cost at all the ratio would "
                           f"be about {(floor + model_s) / floor:.1f}x).")
-        results.append([kind, f"{n:,}", f"{s:.2f}", f"{n / s:,.0f}", f"{floor:.2f}", f"**{s / floor:.1f}x**",
+        results.append([kind, f"{n:,}", f"{s:.2f}", f"{runs[0]:.2f}", f"{n / s:,.0f}", f"{floor:.2f}",
+                        f"**{s / floor:.1f}x**", f"{runs[0] / floor:.1f}x",
                         "<= 3x the floor; >= 1,000,000 rows/s"])
-        print(f"scoring {kind}: {n:,} rows in {s:.1f} s = {n / s:,.0f} rows/s; I/O floor {floor:.2f} s "
-              f"({s / floor:.1f}x)", flush=True)
-    table = markdown_table(["model", "rows (one day)", "seconds (read + score + write)", "rows/s",
-                            "I/O floor s (best of 3)", "vs the floor", "target"], results)
+        print(f"scoring {kind}: {n:,} rows in {s:.1f} s (best of 3; first {runs[0]:.1f} s) = {n / s:,.0f} rows/s; "
+              f"I/O floor {floor:.2f} s ({s / floor:.1f}x)", flush=True)
+    table = markdown_table(["model", "rows (one day)", "seconds (read + score + write), best of 3", "first run s",
+                            "rows/s (best)", "I/O floor s (best of 3)", "vs the floor", "first run vs the floor",
+                            "target"], results)
     end = os.getloadavg()
     note = (f"{threads} scoring threads, each running single-threaded torch ops (chunks of "
             f"{SCORE_CHUNK:,} rows, the scaler folded into the first layer). Load average (1/5/15 min) on the 2 "
             f"shared cores: start {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, end {end[0]:.1f}/{end[1]:.1f}/"
-            f"{end[2]:.1f} (a shared machine: figures are noisy). "
+            f"{end[2]:.1f} (a shared machine: figures are noisy). The scorer, like the floor, is timed as the best of "
+            "3 runs in the same process (each loads the model from the registry and republishes the day); the "
+            "first run, which also pays the process's first allocations and torch's thread start, is beside it. "
             "MLP: the reference architecture (one hidden layer of 500); seq: the product default, a GRU over the "
             "card's previous 5 rows plus the terminal's last 5 matured rows, reading the 14 days before and the "
             "clean labels of D-14 .. D-7 as well, as the floor does (`rows` counts the scored day only).")

@@ -420,11 +420,45 @@ def test_history_lookups_agree_with_the_three_key_sort_used_when_codes_would_ove
 
     monkeypatch.setattr(D, "order_by_key_time", three_keys)
     assert D.rows_with_keys(pool.terminal, target.terminal) is not None  # the fast path sorted fewer rows
+    assert D.history_rows_that_count(pool.card, pool.time_us, target.card, 5, 10) is not None
     monkeypatch.setattr(D, "rows_with_keys", lambda keys, wanted: None)  # every row, as before that
+    monkeypatch.setattr(D, "history_rows_that_count", lambda *a: None)
     slow = (D.build_history(target, pool, 5), D.build_terminal_history(target, TerminalRows.of_frame(pool), 5, 7, inline(pool)))
     assert np.array_equal(fast[0].prev, slow[0].prev) and np.array_equal(fast[0].gap_days, slow[0].gap_days)
     assert np.array_equal(fast[1], slow[1])
     assert 0 < fast[1][..., 4].mean() < 1  # some rows have fewer than 5 matured terminal rows
+
+
+def test_history_rows_older_than_a_cards_last_k_are_not_sorted_and_the_history_is_unchanged(monkeypatch):
+    """With several transactions a card a day (as the generator makes), most of a week's history rows
+    have k rows of their card on later days: they are left out of the sort, and every target row
+    (on two target days) still links to the same previous rows as when all rows are sorted."""
+    from jobs.torch import data as D
+
+    rng = np.random.default_rng(5)
+
+    def frame(n: int, first_day: int, days: int, first_id: int) -> FeatureFrame:
+        seconds = first_day * 86_400 + rng.integers(0, days * 86_400, n)
+        return FeatureFrame(rng.random((n, len(MODEL_INPUTS)), dtype=np.float32), np.zeros(n, np.int8),
+                            rng.integers(0, 300, n), seconds * 1_000_000, first_id + rng.permutation(n),
+                            rng.integers(0, 50, n))
+
+    history, target = frame(7 * 900, 17_000, 7, 0), frame(2 * 900, 17_007, 2, 10**6)
+    pool = FeatureFrame.concat([history, target])
+    kept = D.history_rows_that_count(history.card, history.time_us, target.card, 5, 17_007)
+    assert kept is not None and len(kept) < 0.6 * len(history)
+    # what is left out is exactly what has 5 rows of its card on later history days, or a card no target has
+    later = np.array([np.count_nonzero((history.card == c) & (history.time_us // MICROS_PER_DAY > t // MICROS_PER_DAY))
+                      for c, t in zip(history.card, history.time_us, strict=True)])
+    assert np.array_equal(np.flatnonzero((later < 5) & np.isin(history.card, target.card)), kept)
+    by_day = np.argsort(history.time_us // MICROS_PER_DAY, kind="stable")  # days in order, as read_frame lays them
+    kept_by_day = D.history_rows_that_count(history.card[by_day], history.time_us[by_day], target.card, 5, 17_007)
+    assert np.array_equal(np.sort(by_day[kept_by_day]), kept)
+    fast = D.build_history(target, history, 5, pool=pool)
+    monkeypatch.setattr(D, "history_rows_that_count", lambda *a: None)
+    slow = D.build_history(target, history, 5, pool=pool)
+    assert np.array_equal(fast.prev, slow.prev) and np.array_equal(fast.gap_days, slow.gap_days)
+    assert (fast.prev < len(history)).any() and (fast.prev >= len(history)).any()  # history and same-day rows
 
 
 @pytest.mark.slow

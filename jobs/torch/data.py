@@ -379,6 +379,40 @@ def rows_with_keys(keys: np.ndarray, wanted: np.ndarray) -> np.ndarray | None:
     return rows if len(rows) < 0.8 * len(keys) else None
 
 
+def history_rows_that_count(card: np.ndarray, time_us: np.ndarray, wanted: np.ndarray, k: int,
+                            first_day: int) -> np.ndarray | None:
+    """The history rows that can be among a target's ``k`` previous rows of its card: rows of cards
+    in ``wanted`` (the targets' cards), less those before ``first_day`` (the first target's day,
+    days since the epoch) whose card has at least ``k`` rows on the days between theirs and it:
+    those ``k`` rows come between such a row and every target. None when at least 80% of the rows
+    stay, or when the card range is too wide for a lookup table (then every row is sorted, as
+    without this).
+
+    With the generator's few transactions a card a day, most of a week's rows are older than the
+    card's last ``k``: they are never sorted.
+    """
+    if not len(card) or not len(wanted) or k <= 0:
+        return None
+    low, high = min(int(card.min()), int(wanted.min())), max(int(card.max()), int(wanted.max()))
+    day = time_us // MICROS_PER_DAY
+    first, last = int(day.min()), int(day.max())
+    if high - low + 1 > _table_max_range(len(card) + len(wanted)) or last - first > 366:
+        return None
+    slot = card - low
+    keep = np.zeros(high - low + 1, dtype=bool)
+    keep[wanted - low] = True
+    keep = keep[slot]  # the targets' cards
+    later = np.zeros(high - low + 1, dtype=np.int32)  # rows of each card on the days after the one at hand
+    in_day_order = bool((day[1:] >= day[:-1]).all())  # as read_frame lays them out: each day one slice
+    for d in range(min(last, first_day - 1), first - 1, -1):
+        rows = slice(*np.searchsorted(day, [d, d + 1])) if in_day_order else np.flatnonzero(day == d)
+        on_day = slot[rows]
+        keep[rows] &= later[on_day] < k
+        later += np.bincount(on_day, minlength=len(later)).astype(np.int32)
+    rows = np.flatnonzero(keep)
+    return rows if len(rows) < 0.8 * len(card) else None
+
+
 def _time_unit(offsets: np.ndarray) -> int:
     """The coarsest of a second, a millisecond and a microsecond that divides every offset."""
     for unit in (1_000_000, 1_000):
@@ -458,7 +492,9 @@ def build_history(target: FeatureFrame, history: FeatureFrame, k: int, pool: Fea
     """
     pool = FeatureFrame.concat([history, target]) if pool is None else pool
     n_hist = len(history)
-    rows = rows_with_keys(pool.card[:n_hist], target.card)  # history rows of cards the targets have
+    # the history rows that can be looked back at: of the targets' cards, among their last k
+    rows = (history_rows_that_count(pool.card[:n_hist], pool.time_us[:n_hist], target.card, k,
+                                    int(target.time_us.min()) // MICROS_PER_DAY) if len(target) else None)
     if rows is None:
         by = order_by_key_time(pool.card, pool.time_us, pool.txid)
         order = by.order
