@@ -11,6 +11,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
+# the setting the PyTorch steps run with (jobs/torch/__init__.py), made before numpy is imported
+os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+
 
 def machine() -> str:
     """One line naming the machine the figures come from."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from datetime import date, timedelta
 
 import numpy as np
@@ -289,3 +292,15 @@ def test_versions_trained_before_drift_references_get_one_from_their_window(trai
     np.testing.assert_allclose(again["score"]["cuts"], stored["score"]["cuts"], rtol=1e-6)
     assert R.main(["--lake", lake.uri, "reference", version]) == 0
     assert "already there" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting", [None, "1"], ids=["default", "operator"])
+def test_a_torch_step_process_runs_without_numpys_huge_page_advice_unless_the_environment_asks(setting):
+    """The CLI's process imports jobs.torch before numpy, so the default holds from numpy's first
+    import; an operator's own NUMPY_MADVISE_HUGEPAGE wins."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if setting is not None:
+        env["NUMPY_MADVISE_HUGEPAGE"] = setting
+    code = "import jobs.torch.score, numpy; print(numpy._core.multiarray._get_madvise_hugepage())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ("True" if setting == "1" else "False")

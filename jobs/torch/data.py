@@ -185,23 +185,38 @@ class LabelEvents:
         """The events ordered by (transaction id, reported time, label) as (ids, times, labels).
 
         One sort by id alone (most transactions have one event, and the inline ones come in long
-        ascending runs); only the runs of an id with several events are then ordered by time and label.
+        ascending runs), skipped when the ids already ascend (the inline labels of days read in order,
+        and no feed events); only the runs of an id with several events are then ordered by time and
+        label.
         """
-        order = np.argsort(self.txid, kind="stable")
-        ids = self.txid[order]
-        sort_tied_runs(order, ids[1:] == ids[:-1], self.label, self.reported_us, self.txid)
+        ids, order = self.txid, None
+        if len(ids) > 1 and not (ids[1:] >= ids[:-1]).all():
+            order = np.argsort(ids, kind="stable")
+            ids = ids[order]
+        tied = ids[1:] == ids[:-1]
+        if order is None:
+            if not tied.any():  # in order already: the arrays themselves, no copy
+                return ids, self.reported_us, self.label
+            order = np.arange(len(ids))
+        sort_tied_runs(order, tied, self.label, self.reported_us, self.txid)
         return ids, self.reported_us[order], self.label[order]
 
     def as_of(self, txids: np.ndarray, at_us: np.ndarray | int) -> np.ndarray:
         """Per query: 1 if the latest event for that transaction reported at or before ``at_us`` is a
         fraud (at one instant a fraud report wins over a clearance), else 0."""
+        return self.as_of_and_final(txids, at_us)[0]
+
+    def as_of_and_final(self, txids: np.ndarray, at_us: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`as_of`, and per query whether no event of its transaction is reported after ``at_us``
+        (the answer is then the same at every later time)."""
         txids = np.asarray(txids, dtype=np.int64)
         at = np.broadcast_to(np.asarray(at_us, dtype=np.int64), txids.shape)
         out = np.zeros(len(txids), np.int8)
         if len(self.txid) == 0 or len(txids) == 0:
-            return out
+            return out, np.ones(len(txids), dtype=bool)
         ids, reported, labels = self._index
         first, hi = search_bounds(ids, txids)  # the query's events are first .. hi - 1
+        end = hi.copy()
         lo = first.copy()
         active = np.flatnonzero(lo < hi)
         while active.size:  # per query, a binary search for the first of its events reported after at
@@ -213,7 +228,7 @@ class LabelEvents:
         latest = lo - 1  # the last event reported at or before at (a fraud after a clearance at one instant)
         hit = latest >= first
         out[hit] = labels[latest[hit]]
-        return out
+        return out, lo == end
 
 
 def start_of_us(day: date) -> int:
@@ -565,29 +580,51 @@ def build_terminal_history(target: FeatureFrame, pool: TerminalRows | Sequence[T
     """
     cut = target.time_us - delay_days * MICROS_PER_DAY
     parts = [pool] if isinstance(pool, TerminalRows) else list(pool)
-    if len(target):  # rows younger than every bound can never be looked up: dropped before one copy
+    filled = [p for p in parts if len(p.terminal)]
+    parts = filled or parts[:1]
+    if len(target) and filled:
+        # rows younger than every bound, and rows of terminals no target has, are never looked up:
+        # dropped from each part, before the one copy that joins what is left
         bound = cut.max()
-        parts = [p if not (young := p.time_us > bound).any() else p.take(~young) for p in parts]
+        low = min(int(target.terminal.min()), *(int(p.terminal.min()) for p in parts))
+        high = max(int(target.terminal.max()), *(int(p.terminal.max()) for p in parts))
+        wanted = None
+        if high - low + 1 <= _table_max_range(sum(len(p.terminal) for p in parts) + len(target)):
+            wanted = np.zeros(high - low + 1, dtype=bool)
+            wanted[target.terminal - low] = True
+        kept = []
+        for p in parts:
+            keep = p.time_us <= bound
+            if wanted is not None:
+                keep &= wanted[p.terminal - low]
+            kept.append(p if keep.all() else p.take(np.flatnonzero(keep)))
+        parts = kept
     pool = parts[0] if len(parts) == 1 else TerminalRows.concat(parts)
-    if (rows := rows_with_keys(pool.terminal, target.terminal)) is not None:
-        pool = pool.take(rows)  # only the terminals the targets have
     m = len(target)
     by = order_by_key_time(pool.terminal, pool.time_us, pool.txid)
     order, sorted_terminal = by.order, by.key
     upto = by.rows_at_or_before(target.terminal, cut)  # the bound is inclusive
+    # what each pool row shows, once per row rather than once per look-up: its scaled amounts, and
+    # its label where no event comes after the row is first shown (its time plus the delay, the
+    # earliest time any target may see it); only the others are looked up at each target's time
+    log_amount = np.log1p(np.maximum(pool.amount, 0))
+    log_ratio = log_amount - np.log1p(np.maximum(pool.avg30, 0))
+    label, final = events.as_of_and_final(pool.txid, pool.time_us + delay_days * MICROS_PER_DAY)
     out = np.zeros((m, k, TERMINAL_STEP), dtype=np.float32)
     for back in range(1, k + 1):
         pos = upto - back
         ok = pos >= 0
         ok[ok] = sorted_terminal[pos[ok]] == target.terminal[ok]
         row = order[pos[ok]]
-        amount = np.log1p(np.maximum(pool.amount[row], 0))
-        age = (target.time_us[ok] - pool.time_us[row]) / MICROS_PER_DAY
+        at = target.time_us[ok]
+        shown = label[row]
+        later = np.flatnonzero(~final[row])
+        shown[later] = events.as_of(pool.txid[row[later]], at[later])
         col = k - back
-        out[ok, col, 0] = events.as_of(pool.txid[row], target.time_us[ok])
-        out[ok, col, 1] = amount / 5
-        out[ok, col, 2] = amount - np.log1p(np.maximum(pool.avg30[row], 0))
-        out[ok, col, 3] = np.log1p(age) / 3
+        out[ok, col, 0] = shown
+        out[ok, col, 1] = log_amount[row] / 5
+        out[ok, col, 2] = log_ratio[row]
+        out[ok, col, 3] = np.log1p((at - pool.time_us[row]) / MICROS_PER_DAY) / 3
         out[ok, col, 4] = 1
     return out
 

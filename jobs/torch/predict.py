@@ -187,19 +187,26 @@ def predict(loaded: Loaded, frame: FeatureFrame, history: CardHistory | None = N
     scorer = loaded.scorer
     folded = _FoldedSequence(scorer)
     x = torch.from_numpy(frame.x)
-    prev_all, gap_all = torch.from_numpy(history.prev), torch.from_numpy(history.gap_days)
+    gap_all = torch.from_numpy(history.gap_days)
     raw_pool = torch.from_numpy(history.pool)
-    # once per pool row some scored row looks back at, not per use (and not for the rows none does:
-    # they stay 0, as does what a missing previous row gathers before its presence of 0 masks it)
+    # once per pool row some scored row looks back at, not per use, and not for the rows none does:
+    # the projections are kept for those rows only (a smaller table to gather from), and the previous
+    # rows renumbered into it; a missing one (-1) gathers row 0 before its presence of 0 masks it
+    has = history.prev >= 0
     used = np.zeros(len(history.pool), dtype=bool)
-    used[history.prev[history.prev >= 0]] = True
-    rows = torch.from_numpy(np.flatnonzero(used))
-    projected = torch.zeros(raw_pool.shape[0], folded.weight.shape[1])
+    used[history.prev[has]] = True
+    rows = np.flatnonzero(used)
+    place = np.cumsum(used, dtype=np.int64)
+    place -= 1
+    prev_all = torch.from_numpy(np.where(has, place[np.maximum(history.prev, 0)], -1))
+    del place, used
+    rows = torch.from_numpy(rows)
+    projected = torch.empty(max(len(rows), 1), folded.weight.shape[1])
+    projected[0] = 0  # what a frame with no previous row at all gathers
     chunk = 8192
 
     def project(s: int, e: int) -> None:
-        r = rows[s:e]
-        projected.index_copy_(0, r, folded.project(raw_pool.index_select(0, r)))
+        projected[s:e] = folded.project(raw_pool.index_select(0, rows[s:e]))
 
     terminal_all = torch.from_numpy(history.terminal) if history.terminal is not None else None
 
