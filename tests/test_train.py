@@ -419,9 +419,9 @@ def test_history_lookups_agree_with_the_three_key_sort_used_when_codes_would_ove
         return D.KeyTimeOrder(order, key[order], time[order], None)
 
     monkeypatch.setattr(D, "order_by_key_time", three_keys)
-    assert D.rows_with_keys(pool.terminal, target.terminal) is not None  # the fast path sorted fewer rows
+    assert D.wanted_keys(target.terminal, pool.terminal) is not None  # the fast path sorted fewer rows
     assert D.history_rows_that_count(pool.card, pool.time_us, target.card, 5, 10) is not None
-    monkeypatch.setattr(D, "rows_with_keys", lambda keys, wanted: None)  # every row, as before that
+    monkeypatch.setattr(D, "wanted_keys", lambda wanted, *keys: None)  # every row, as before that
     monkeypatch.setattr(D, "history_rows_that_count", lambda *a: None)
     slow = (D.build_history(target, pool, 5), D.build_terminal_history(target, TerminalRows.of_frame(pool), 5, 7, inline(pool)))
     assert np.array_equal(fast[0].prev, slow[0].prev) and np.array_equal(fast[0].gap_days, slow[0].gap_days)

@@ -379,19 +379,35 @@ def _table_max_range(rows: int) -> int:
     return 16 * rows + (1 << 24)
 
 
-def rows_with_keys(keys: np.ndarray, wanted: np.ndarray) -> np.ndarray | None:
-    """The positions of ``keys`` that are among ``wanted``, through a lookup table over the key
-    range; None when that range is too wide for a table or when at least 80% of the rows would stay
-    (sorting them all then costs about as much as selecting them)."""
-    if not len(keys) or not len(wanted):
+@dataclass
+class WantedKeys:
+    """A lookup table over a range of keys marking the wanted ones (:func:`wanted_keys`)."""
+
+    table: np.ndarray  # bool, one slot per key low .. low + len(table) - 1
+    low: int
+
+    def slot(self, keys: np.ndarray) -> np.ndarray:
+        """Each key's slot in the table (keys within the range it was built for)."""
+        return keys - self.low
+
+    def among(self, keys: np.ndarray) -> np.ndarray:
+        """Per key (within the range), whether it is wanted."""
+        return self.table[keys - self.low]
+
+
+def wanted_keys(wanted: np.ndarray, *keys: np.ndarray) -> WantedKeys | None:
+    """A table over the range of ``wanted`` and every array of ``keys`` marking the ``wanted`` ones;
+    None when there are no keys or the range is too wide for a table (:func:`_table_max_range`)."""
+    keys = tuple(k for k in keys if len(k))
+    if not len(wanted) or not keys:
         return None
-    low, high = min(int(keys.min()), int(wanted.min())), max(int(keys.max()), int(wanted.max()))
-    if high - low + 1 > _table_max_range(len(keys) + len(wanted)):
+    low = min(int(wanted.min()), *(int(k.min()) for k in keys))
+    high = max(int(wanted.max()), *(int(k.max()) for k in keys))
+    if high - low + 1 > _table_max_range(len(wanted) + sum(len(k) for k in keys)):
         return None
     table = np.zeros(high - low + 1, dtype=bool)
     table[wanted - low] = True
-    rows = np.flatnonzero(table[keys - low])
-    return rows if len(rows) < 0.8 * len(keys) else None
+    return WantedKeys(table, low)
 
 
 def history_rows_that_count(card: np.ndarray, time_us: np.ndarray, wanted: np.ndarray, k: int,
@@ -406,18 +422,15 @@ def history_rows_that_count(card: np.ndarray, time_us: np.ndarray, wanted: np.nd
     With the generator's few transactions a card a day, most of a week's rows are older than the
     card's last ``k``: they are never sorted.
     """
-    if not len(card) or not len(wanted) or k <= 0:
+    if not len(card) or k <= 0 or (table := wanted_keys(wanted, card)) is None:
         return None
-    low, high = min(int(card.min()), int(wanted.min())), max(int(card.max()), int(wanted.max()))
     day = time_us // MICROS_PER_DAY
     first, last = int(day.min()), int(day.max())
-    if high - low + 1 > _table_max_range(len(card) + len(wanted)) or last - first > 366:
+    if last - first > 366:
         return None
-    slot = card - low
-    keep = np.zeros(high - low + 1, dtype=bool)
-    keep[wanted - low] = True
-    keep = keep[slot]  # the targets' cards
-    later = np.zeros(high - low + 1, dtype=np.int32)  # rows of each card on the days after the one at hand
+    slot = table.slot(card)
+    keep = table.table[slot]  # the targets' cards
+    later = np.zeros(len(table.table), dtype=np.int32)  # rows of each card on the days after the one at hand
     in_day_order = bool((day[1:] >= day[:-1]).all())  # as read_frame lays them out: each day one slice
     for d in range(min(last, first_day - 1), first - 1, -1):
         rows = slice(*np.searchsorted(day, [d, d + 1])) if in_day_order else np.flatnonzero(day == d)
@@ -586,17 +599,12 @@ def build_terminal_history(target: FeatureFrame, pool: TerminalRows | Sequence[T
         # rows younger than every bound, and rows of terminals no target has, are never looked up:
         # dropped from each part, before the one copy that joins what is left
         bound = cut.max()
-        low = min(int(target.terminal.min()), *(int(p.terminal.min()) for p in parts))
-        high = max(int(target.terminal.max()), *(int(p.terminal.max()) for p in parts))
-        wanted = None
-        if high - low + 1 <= _table_max_range(sum(len(p.terminal) for p in parts) + len(target)):
-            wanted = np.zeros(high - low + 1, dtype=bool)
-            wanted[target.terminal - low] = True
+        wanted = wanted_keys(target.terminal, *(p.terminal for p in parts))
         kept = []
         for p in parts:
             keep = p.time_us <= bound
             if wanted is not None:
-                keep &= wanted[p.terminal - low]
+                keep &= wanted.among(p.terminal)
             kept.append(p if keep.all() else p.take(np.flatnonzero(keep)))
         parts = kept
     pool = parts[0] if len(parts) == 1 else TerminalRows.concat(parts)

@@ -236,12 +236,13 @@ class CardSequenceModel(nn.Module):
                 terminal: torch.Tensor | None = None):
         p = present.unsqueeze(-1)
         steps = torch.cat([prev * p, torch.log1p(gap.clamp_min(0)).unsqueeze(-1) * p, p], dim=-1)
-        return self.after_step(z, self.step(steps), terminal)
+        _, h = self.gru(torch.relu(self.step(steps)))
+        return self.head_of(z, h[-1], terminal)
 
-    def after_step(self, z: torch.Tensor, steps: torch.Tensor, terminal: torch.Tensor | None = None):
-        """The rest of :meth:`forward` from the step layer's output [B, k, seq_hidden]."""
-        _, h = self.gru(torch.relu(steps))
-        parts = [z, h[-1]]
+    def head_of(self, z: torch.Tensor, state: torch.Tensor, terminal: torch.Tensor | None = None):
+        """The logit [B] from the scored row's inputs, the GRU's last state [B, seq_hidden] and the
+        terminal's rows: the rest of :meth:`forward`."""
+        parts = [z, state]
         if self.terminal_len:  # the terminal's matured rows go to the head as they are, oldest first
             if terminal is None:
                 raise ValueError(f"this model reads its terminal's last {self.terminal_len} matured rows: "

@@ -93,7 +93,6 @@ class _FoldedSequence:
         self.bias = (-(w_z @ (mean / std))).float()
         self.w_gap, self.w_present, self.step_bias = w[:, N_DERIVED].float(), w[:, N_DERIVED + 1].float(), b.float()
         gru = scorer.model.gru
-        self.hidden = gru.hidden_size
         self.w_ih, self.b_ih = gru.weight_ih_l0.detach().t().contiguous(), gru.bias_ih_l0.detach()
         self.w_hh, self.b_hh = gru.weight_hh_l0.detach().t().contiguous(), gru.bias_hh_l0.detach()
 
@@ -123,14 +122,6 @@ class _FoldedSequence:
             n = torch.tanh(torch.addcmul(g[:, 2 * hid :], rz[:, :hid], gh[..., 2 * hid :]))
             h = n - rz[:, hid:] * n if h is None else torch.addcmul(n, rz[:, hid:], h - n)
         return h
-
-    def after_step(self, model: nn.Module, z: torch.Tensor, steps: torch.Tensor,
-                   terminal: torch.Tensor | None) -> torch.Tensor:
-        """``CardSequenceModel.after_step`` with this GRU: the logit [B]."""
-        parts = [z, self.last_state(steps)]
-        if model.terminal_len:
-            parts.append(terminal.flatten(1))
-        return model.head(torch.cat(parts, dim=-1))
 
 
 def _run_chunks(fn, n: int, chunk: int, workers: int) -> None:
@@ -214,7 +205,7 @@ def predict(loaded: Loaded, frame: FeatureFrame, history: CardHistory | None = N
         prev = prev_all[s:e]
         steps = folded.steps(gather_rows(projected, prev), gap_all[s:e], (prev >= 0).float())
         terminal = terminal_all[s:e] if terminal_all is not None else None
-        out[s:e] = torch.sigmoid(folded.after_step(scorer.model, scorer.transform(x[s:e]), steps, terminal)).numpy()
+        out[s:e] = torch.sigmoid(scorer.model.head_of(scorer.transform(x[s:e]), folded.last_state(steps), terminal)).numpy()
 
     workers = workers or score_workers()
     _run_chunks(project, len(rows), chunk, workers)
