@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
 from datetime import date, datetime, timedelta
 
@@ -25,6 +27,7 @@ from jobs.common.schema import (
     REPORTED_AT,
     customer_avg_amount,
 )
+from jobs.torch import data as D
 from jobs.torch import registry as R
 from jobs.torch import train
 from jobs.torch.checkpoint import checkpoint_bytes, load_version, model_config
@@ -264,13 +267,16 @@ def test_sequence_model_uses_the_cards_earlier_feature_rows(lake):
     earlier = read_features(lake, [FIRST + timedelta(days=i) for i in range(7)])
     pool_card = np.concatenate([earlier.card, frame.card])
     pool_time = np.concatenate([earlier.time_us, frame.time_us])
-    assert history.pool.shape[0] == 8 * 400
-    # 120 cards, 400 rows a day: every row has a previous row of its own card, earlier in time
-    newest = history.prev[:, -1]
-    assert (newest >= 0).all()
-    assert (pool_card[newest] == frame.card).all() and (pool_time[newest] <= frame.time_us).all()
+    # the pool keeps exactly the rows some target looks back at, each as read
+    source = history.pool_rows
     linked = history.prev >= 0
-    assert (pool_card[history.prev[linked]] == np.broadcast_to(frame.card[:, None], linked.shape)[linked]).all()
+    assert np.array_equal(np.unique(history.prev[linked]), np.arange(len(history.pool)))
+    assert len(history.pool) < 8 * 400 and np.array_equal(history.pool, np.concatenate([earlier.x, frame.x])[source])
+    # 120 cards, 400 rows a day: every row has a previous row of its own card, earlier in time
+    newest = source[history.prev[:, -1]]
+    assert (history.prev[:, -1] >= 0).all()
+    assert (pool_card[newest] == frame.card).all() and (pool_time[newest] <= frame.time_us).all()
+    assert (pool_card[source[history.prev[linked]]] == np.broadcast_to(frame.card[:, None], linked.shape)[linked]).all()
     assert (np.diff(np.where(linked, history.gap_days, 1e9), axis=1) <= 0).all()  # oldest first
     assert (pool_time[newest] < frame.time_us.min()).any()  # history reaches earlier days
     assert run_train(lake, date(2018, 4, 16), "--model", "seq", "--lookback-days", "1") == 0
@@ -355,6 +361,12 @@ def test_the_history_frame_is_filled_day_by_day_in_place_and_checked_against_the
     for name in ("x", "card", "time_us", "txid", "terminal"):
         assert np.array_equal(getattr(frame, name), getattr(expected, name)), name
     assert not frame.label.any()
+    with ThreadPoolExecutor(1) as helper:  # the days shared with a second thread: the same frame
+        helper.submit(time.sleep, 0.2)  # busy at first, as with the label reads: it joins in late
+        shared, shared_counts = read_frame(lake, days, helper=helper)
+    assert shared_counts == counts
+    for name in ("x", "card", "time_us", "txid", "terminal"):
+        assert np.array_equal(getattr(shared, name), getattr(expected, name)), name
     path = posixpath.join(lake.partition_path(Dataset.FEATURES, days[1]), MANIFEST)
     manifest = lake.read_json(path)
     files = [{**f, "rows": f["rows"] - 1} if f["name"].endswith(".parquet") else f for f in manifest["files"]]
@@ -458,7 +470,39 @@ def test_history_rows_older_than_a_cards_last_k_are_not_sorted_and_the_history_i
     monkeypatch.setattr(D, "history_rows_that_count", lambda *a: None)
     slow = D.build_history(target, history, 5, pool=pool)
     assert np.array_equal(fast.prev, slow.prev) and np.array_equal(fast.gap_days, slow.gap_days)
-    assert (fast.prev < len(history)).any() and (fast.prev >= len(history)).any()  # history and same-day rows
+    assert np.array_equal(fast.pool_rows, slow.pool_rows) and np.array_equal(fast.pool, slow.pool)
+    source = fast.pool_rows[fast.prev[fast.prev >= 0]]
+    assert (source < len(history)).any() and (source >= len(history)).any()  # history and same-day rows
+
+
+def test_card_history_links_each_target_to_the_previous_rows_of_its_card_and_keeps_only_those():
+    """Against a direct search: a target's previous rows are the last k rows of its card ordered by
+    (time, transaction id) before it, history and target rows alike; the pool holds exactly the rows
+    some target looks back at, as read."""
+    rng = np.random.default_rng(11)
+
+    def frame(n: int, first_day: int, days: int, first_id: int) -> FeatureFrame:
+        seconds = first_day * 86_400 + rng.integers(0, days * 24, n) * 3_600  # same-instant ties
+        return FeatureFrame(rng.random((n, len(MODEL_INPUTS)), dtype=np.float32), np.zeros(n, np.int8),
+                            rng.integers(0, 300, n), seconds * 1_000_000, first_id + rng.permutation(n),
+                            rng.integers(0, 50, n))
+
+    history, target = frame(700, 17_000, 7, 0), frame(300, 17_007, 1, 10**6)  # some cards with fewer than k rows
+    k = 3
+    linked = D.build_history(target, history, k)
+    pool = FeatureFrame.concat([history, target])
+    assert np.array_equal(linked.pool, pool.x[linked.pool_rows])
+    assert np.array_equal(np.unique(linked.prev[linked.prev >= 0]), np.arange(len(linked.pool)))
+    for i in range(len(target)):
+        mine = (pool.time_us[len(history) + i], pool.txid[len(history) + i])
+        before = sorted((j for j in np.flatnonzero(pool.card == target.card[i]) if (pool.time_us[j], pool.txid[j]) < mine),
+                        key=lambda j: (pool.time_us[j], pool.txid[j]))[-k:]
+        present = linked.prev[i] >= 0
+        assert present.sum() == len(before) and not present[: k - len(before)].any()  # missing ones first
+        assert list(linked.pool_rows[linked.prev[i][present]]) == before
+        gaps = (target.time_us[i] - pool.time_us[before]) / MICROS_PER_DAY
+        np.testing.assert_allclose(linked.gap_days[i][present], gaps, rtol=1e-6)
+        assert not linked.gap_days[i][~present].any()
 
 
 @pytest.mark.slow

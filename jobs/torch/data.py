@@ -12,8 +12,9 @@ last matured transactions with their labels as of the transaction's own time.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import date, timedelta
 from functools import cached_property
@@ -21,6 +22,7 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from jobs.common.calendar import MICROS_PER_DAY, ONE_DAY, Calendar, day_range, micros_at_midnight
 from jobs.common.lake import Dataset, Lake
@@ -74,7 +76,7 @@ class FeatureFrame:
 _FRAME_FIELDS = ("x", "label", "card", "time_us", "txid", "terminal")
 
 
-_TILE_ROWS = 32_768  # rows of x filled at a time: a tile of [rows, 15] float32 stays in the core's cache
+_TILE_ROWS = 8_192  # rows of x filled at a time: a tile of [rows, 15] float32 (480 KiB) stays in the core's L2 cache
 
 
 def frame_from_table(table: pa.Table, out: FeatureFrame | None = None) -> FeatureFrame:
@@ -118,33 +120,44 @@ def _parquet_rows(manifest: dict | None) -> int | None:
     return sum(rows) if manifest is not None and all(isinstance(r, int) for r in rows) else None
 
 
-def read_frame(lake: Lake, days: Sequence[date]) -> tuple[FeatureFrame, list[int]]:
+def read_frame(lake: Lake, days: Sequence[date], helper: Executor | None = None) -> tuple[FeatureFrame, list[int]]:
     """The published feature partitions of ``days`` as one frame (in that order) and each day's
     rows, read a day at a time straight into the frame's place for it (its size comes from the
     manifests): a day's Arrow buffers are free for the next day's once copied, and all go back to
     the system at the end, so the range is never held twice, neither as Arrow tables beside numpy
     arrays nor as day frames beside their concatenation (which alone took 0.9 s at 8M rows).
     (Handing Arrow's buffers back after every day costs about 0.4 s at 8M rows, for no lower peak:
-    the allocator reuses them.)"""
+    the allocator reuses them.)
+
+    With ``helper`` (an executor, possibly busy with other reads) the days are shared: whichever
+    thread is free takes the next day, each filling its own rows of the frame."""
     counts = [_parquet_rows(lake.manifest(Dataset.FEATURES, day)) for day in days]
     if not all(isinstance(c, int) for c in counts):  # a manifest without its files' row counts: read first
         tables = [read_feature_table(lake, [day]) for day in days]
         counts = [t.num_rows for t in tables]
+        helper = None
     else:
         tables = None
     frame = FeatureFrame.empty(sum(counts))
-    at = 0
-    for i, (day, rows) in enumerate(zip(days, counts, strict=True)):
-        if tables is None:
-            table = read_feature_table(lake, [day])
-        else:
-            table, tables[i] = tables[i], None
-        if table.num_rows != rows:
-            raise ValueError(f"features of {day}: the manifest names {rows:,} rows, its files hold "
-                             f"{table.num_rows:,}; republish the day (the partition does not match its manifest)")
-        frame_from_table(table, frame.rows(at, at + rows))
-        at += rows
-        del table
+    starts = np.r_[0, np.cumsum(counts)].tolist()
+    turns = itertools.count()  # the next day to read (next() on it is atomic: one day to each thread)
+
+    def read_days() -> None:
+        while (i := next(turns)) < len(days):
+            if tables is None:
+                table = read_feature_table(lake, [days[i]])
+            else:
+                table, tables[i] = tables[i], None
+            if table.num_rows != counts[i]:
+                raise ValueError(f"features of {days[i]}: the manifest names {counts[i]:,} rows, its files hold "
+                                 f"{table.num_rows:,}; republish the day (the partition does not match its manifest)")
+            frame_from_table(table, frame.rows(starts[i], starts[i + 1]))
+            del table
+
+    shared = helper.submit(read_days) if helper is not None else None
+    read_days()
+    if shared is not None:
+        shared.result()
     pa.default_memory_pool().release_unused()  # the allocator would keep them for itself otherwise
     return frame, counts
 
@@ -170,14 +183,20 @@ class LabelEvents:
         the steps wait for the ones they need (their contracts) before reading."""
         clean = lake.read_days(Dataset.CLEAN, tx_days, schema=CLEAN_SCHEMA,
                                columns=["TRANSACTION_ID", "TX_DATETIME", LABEL], missing_ok=True)
-        clean = clean.filter(pc.is_valid(clean.column(LABEL)))
+        if clean.column(LABEL).null_count:
+            clean = clean.filter(pc.is_valid(clean.column(LABEL)))
         feed = lake.read_days(Dataset.CLEAN_LABELS, feed_days, schema=LABEL_EVENT_SCHEMA,
                               columns=["TRANSACTION_ID", REPORTED_AT, LABEL], missing_ok=True)
         inline_at = _micros(clean.column("TX_DATETIME")) + delay_days * MICROS_PER_DAY
+
+        def joined(inline: np.ndarray, fed: np.ndarray, dtype) -> np.ndarray:
+            # with no feed events (the common case) the inline array itself: no copy of 8M rows
+            return np.asarray(inline, dtype) if not len(fed) else np.concatenate([inline, fed]).astype(dtype, copy=False)
+
         return LabelEvents(
-            np.r_[clean.column("TRANSACTION_ID").to_numpy(), feed.column("TRANSACTION_ID").to_numpy()].astype(np.int64),
-            np.r_[inline_at, _micros(feed.column(REPORTED_AT))].astype(np.int64),
-            np.r_[clean.column(LABEL).to_numpy(), feed.column(LABEL).to_numpy()].astype(np.int8),
+            joined(clean.column("TRANSACTION_ID").to_numpy(), feed.column("TRANSACTION_ID").to_numpy(), np.int64),
+            joined(inline_at, _micros(feed.column(REPORTED_AT)), np.int64),
+            joined(clean.column(LABEL).to_numpy(), feed.column(LABEL).to_numpy(), np.int8),
         )
 
     @cached_property
@@ -258,8 +277,9 @@ class CardHistory:
     """Per target transaction, its card's previous ``k`` feature rows (oldest first), and optionally
     its terminal's last matured transactions.
 
-    ``pool`` holds the feature rows the history may point to (history days + target days);
-    ``prev[i, j]`` is the pool row of the target's (k - j)-th previous transaction, -1 if none;
+    ``pool`` holds the feature rows some target looks back at, of the history days and the target
+    days, and ``pool_rows`` where each came from (its row among the history rows, then the target
+    rows); ``prev[i, j]`` is the pool row of the target's (k - j)-th previous transaction, -1 if none;
     ``gap_days[i, j]`` the time between it and the target, in days. ``terminal`` [n, kt,
     TERMINAL_STEP] describes the last ``kt`` transactions at the target's terminal that are at
     least the label delay older than it (so their labels have matured, as in the terminal risk
@@ -270,6 +290,7 @@ class CardHistory:
     prev: np.ndarray  # int64 [n, k]
     gap_days: np.ndarray  # float32 [n, k]
     terminal: np.ndarray | None = None  # float32 [n, kt, TERMINAL_STEP]
+    pool_rows: np.ndarray | None = None  # int64 [N]: each pool row's row among the history and target rows
 
 
 def history_days(days: Sequence[date], lookback_days: int) -> list[date]:
@@ -289,7 +310,7 @@ def search_sorted(a: np.ndarray, v: np.ndarray, side: str = "left") -> np.ndarra
 def search_bounds(a: np.ndarray, v: np.ndarray, sides: Sequence[str] = ("left", "right")) -> list[np.ndarray]:
     """:func:`search_sorted` for several sides at once, the queries sorted only once."""
     v = np.asarray(v)
-    if len(v) < 4096:
+    if len(v) < 4096 or bool((v[1:] >= v[:-1]).all()):  # few, or already in order (ids read day by day)
         return [np.searchsorted(a, v, side=side) for side in sides]
     order = np.argsort(v)
     in_order = v[order]
@@ -388,11 +409,12 @@ class WantedKeys:
 
     def slot(self, keys: np.ndarray) -> np.ndarray:
         """Each key's slot in the table (keys within the range it was built for)."""
-        return keys - self.low
+        return keys - self.low if self.low else keys
 
     def among(self, keys: np.ndarray) -> np.ndarray:
-        """Per key (within the range), whether it is wanted."""
-        return self.table[keys - self.low]
+        """Per key (within the range), whether it is wanted (``np.take``: about twice as quick as
+        indexing a bool array with 15M keys)."""
+        return np.take(self.table, self.slot(keys))
 
 
 def wanted_keys(wanted: np.ndarray, *keys: np.ndarray) -> WantedKeys | None:
@@ -429,7 +451,7 @@ def history_rows_that_count(card: np.ndarray, time_us: np.ndarray, wanted: np.nd
     if last - first > 366:
         return None
     slot = table.slot(card)
-    keep = table.table[slot]  # the targets' cards
+    keep = np.take(table.table, slot)  # the targets' cards
     later = np.zeros(len(table.table), dtype=np.int32)  # rows of each card on the days after the one at hand
     in_day_order = bool((day[1:] >= day[:-1]).all())  # as read_frame lays them out: each day one slice
     for d in range(min(last, first_day - 1), first - 1, -1):
@@ -510,6 +532,12 @@ def order_by_key_time(key: np.ndarray, time: np.ndarray, txid: np.ndarray) -> Ke
     return KeyTimeOrder(order, key[order], time[order], None)
 
 
+def take_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``x[rows]`` for a 2-D array, with torch's row gather on its intra-op threads: about 2x
+    ``np.take`` on two cores (the rows are scattered, so it waits on memory, not on arithmetic)."""
+    return torch.index_select(torch.from_numpy(x), 0, torch.from_numpy(rows)).numpy()
+
+
 def build_history(target: FeatureFrame, history: FeatureFrame, k: int, pool: FeatureFrame | None = None
                   ) -> CardHistory:
     """Link every target row to its card's previous k rows among history + target rows.
@@ -531,19 +559,38 @@ def build_history(target: FeatureFrame, history: FeatureFrame, k: int, pool: Fea
         by = order_by_key_time(pool.card[rows], pool.time_us[rows], pool.txid[rows])
         order = rows[by.order]  # pool row numbers, in (card, time, id) order
     sorted_card, sorted_time = by.key, by.time
-    at = np.flatnonzero(order >= n_hist)  # the sorted positions holding target rows
-    target_pos = np.empty(len(target), dtype=np.int64)
-    target_pos[order[at] - n_hist] = at  # sorted position of each target row
-    prev = np.full((len(target), k), -1, dtype=np.int64)
-    gap = np.zeros((len(target), k), dtype=np.float32)
+    at = np.flatnonzero(order >= n_hist)  # the sorted positions holding target rows, ascending
+    # the links are made in sorted order, where a target's previous rows sit just before it (reads
+    # that walk the arrays forwards, not a cache miss per target and step), then moved to the
+    # targets' own order in one scatter of whole rows
+    card_at, time_at = sorted_card[at], sorted_time[at]
+    links = []
+    looked_at = np.zeros(len(order), dtype=bool)  # sorted positions some target looks back at
     for back in range(1, k + 1):
-        pos = target_pos - back
+        pos = at - back
         ok = pos >= 0
-        ok[ok] = sorted_card[pos[ok]] == pool.card[n_hist:][ok]
+        pos[~ok] = 0
+        ok &= sorted_card[pos] == card_at
+        looked_at[pos[ok]] = True
+        links.append((pos, ok))
+    # the pool keeps just those rows, in sorted order (about 4 in 10 of a week's rows at one row a
+    # card a day): the model projects each once, without renumbering 8M rows first
+    compact = np.cumsum(looked_at, dtype=np.int64)
+    compact -= 1
+    prev_sorted = np.empty((len(at), k), dtype=np.int64)
+    gap_sorted = np.empty((len(at), k), dtype=np.float32)
+    for back, (pos, ok) in enumerate(links, start=1):
         col = k - back  # oldest first: the newest previous row is the last column
-        prev[ok, col] = order[pos[ok]]
-        gap[ok, col] = (target.time_us[ok] - sorted_time[pos[ok]]) / MICROS_PER_DAY
-    return CardHistory(pool=pool.x, prev=prev, gap_days=gap)
+        np.copyto(prev_sorted[:, col], np.where(ok, np.take(compact, pos), -1))
+        np.copyto(gap_sorted[:, col], np.where(ok, (time_at - np.take(sorted_time, pos)) / MICROS_PER_DAY, 0))
+    del links, compact
+    prev = np.empty_like(prev_sorted)
+    gap = np.empty_like(gap_sorted)
+    target_row = order[at] - n_hist
+    prev[target_row] = prev_sorted
+    gap[target_row] = gap_sorted
+    pool_rows = order[np.flatnonzero(looked_at)]
+    return CardHistory(pool=take_rows(pool.x, pool_rows), prev=prev, gap_days=gap, pool_rows=pool_rows)
 
 
 @dataclass
@@ -566,9 +613,9 @@ class TerminalRows:
     @staticmethod
     def of_table(table: pa.Table) -> TerminalRows:
         return TerminalRows(
-            terminal=table.column("TERMINAL_ID").to_numpy().astype(np.int64),
-            time_us=table.column("TX_DATETIME").cast(pa.timestamp("us")).cast(pa.int64()).to_numpy(),
-            txid=table.column("TRANSACTION_ID").to_numpy().astype(np.int64),
+            terminal=table.column("TERMINAL_ID").to_numpy().astype(np.int64, copy=False),
+            time_us=_micros(table.column("TX_DATETIME")),
+            txid=table.column("TRANSACTION_ID").to_numpy().astype(np.int64, copy=False),
             amount=table.column("TX_AMOUNT").to_numpy(),
             avg30=table.column(customer_avg_amount(30)).to_numpy(),
         )
@@ -616,24 +663,27 @@ def build_terminal_history(target: FeatureFrame, pool: TerminalRows | Sequence[T
     # its label where no event comes after the row is first shown (its time plus the delay, the
     # earliest time any target may see it); only the others are looked up at each target's time
     log_amount = np.log1p(np.maximum(pool.amount, 0))
-    log_ratio = log_amount - np.log1p(np.maximum(pool.avg30, 0))
     label, final = events.as_of_and_final(pool.txid, pool.time_us + delay_days * MICROS_PER_DAY)
+    shows = np.empty((len(pool.txid), 3), dtype=np.float32)  # label, log amount / 5, log ratio: a row each
+    shows[:, 0] = label
+    shows[:, 1] = log_amount / 5
+    shows[:, 2] = log_amount - np.log1p(np.maximum(pool.avg30, 0))
     out = np.zeros((m, k, TERMINAL_STEP), dtype=np.float32)
-    for back in range(1, k + 1):
+    for back in range(1, k + 1 if len(pool.terminal) else 1):
         pos = upto - back
         ok = pos >= 0
-        ok[ok] = sorted_terminal[pos[ok]] == target.terminal[ok]
-        row = order[pos[ok]]
-        at = target.time_us[ok]
-        shown = label[row]
-        later = np.flatnonzero(~final[row])
-        shown[later] = events.as_of(pool.txid[row[later]], at[later])
-        col = k - back
-        out[ok, col, 0] = shown
-        out[ok, col, 1] = log_amount[row] / 5
-        out[ok, col, 2] = log_ratio[row]
-        out[ok, col, 3] = np.log1p((at - pool.time_us[row]) / MICROS_PER_DAY) / 3
-        out[ok, col, 4] = 1
+        pos[~ok] = 0
+        ok &= np.take(sorted_terminal, pos) == target.terminal
+        hit = np.flatnonzero(ok)
+        row = np.take(order, pos[hit])
+        at = np.take(target.time_us, hit)
+        step = np.empty((len(hit), TERMINAL_STEP), dtype=np.float32)  # written whole into out: one pass
+        np.take(shows, row, axis=0, out=step[:, :3])
+        later = np.flatnonzero(~np.take(final, row))
+        step[later, 0] = events.as_of(pool.txid[row[later]], at[later])
+        step[:, 3] = np.log1p((at - np.take(pool.time_us, row)) / MICROS_PER_DAY) / 3
+        step[:, 4] = 1
+        out[hit, k - back] = step
     return out
 
 
@@ -671,23 +721,23 @@ def read_for_model(lake: Lake, days: Sequence[date], cfg, cal: Calendar, labels_
         last = max(max(days), labels_as_of - ONE_DAY) if labels_as_of is not None else max(days)
         return LabelEvents.read(lake, tx_days, day_range(min(tx_days), last), cal.label_delay_days)
 
-    def read_older() -> TerminalRows | None:
-        """The days only the terminal history reaches: just the columns it needs."""
-        if not older:
-            return None
-        return TerminalRows.of_table(lake.read_days(Dataset.FEATURES, older, schema=FEATURE_SCHEMA,
-                                                    columns=list(TerminalRows.COLUMNS)))
+    def read_older() -> list[TerminalRows]:
+        """The days only the terminal history reaches: just the columns it needs, a part per day
+        (numpy views of each day's Arrow columns, not copies joined into one range)."""
+        return [TerminalRows.of_table(lake.read_days(Dataset.FEATURES, [day], schema=FEATURE_SCHEMA,
+                                                     columns=list(TerminalRows.COLUMNS))) for day in older]
 
-    # A second thread reads the labels and the older days while this one builds the feature frame,
-    # then links the card history while this one builds the terminal's: numpy and pyarrow release
-    # the GIL in their sorts, array passes and reads, so the two run side by side on two cores.
+    # A second thread reads the labels and the older days while this one builds the feature frame
+    # (then takes the frame's days still unread), and links the card history while this one builds
+    # the terminal's: numpy and pyarrow release the GIL in their sorts, array passes and reads, so
+    # the two run side by side on two cores.
     with ThreadPoolExecutor(1) as side:
         labels, older_rows = side.submit(read_labels), side.submit(read_older)
         # history days and target days as one frame (history first), built day by day: each day's
         # Arrow buffers are copied into numpy and handed back to the system before the next day is
         # read, so the whole range is never held twice (at a 3M-row day the peak went from 10.5 to
         # 7.5 GiB)
-        pool, day_rows = read_frame(lake, [*wanted, *days])
+        pool, day_rows = read_frame(lake, [*wanted, *days], helper=side)
         n_hist = sum(day_rows[: len(wanted)])
         target, history = pool.rows(n_hist, len(pool)), pool.rows(0, n_hist)
         card = side.submit(build_history, target, history, cfg.seq_len, pool=pool) if seq else None
@@ -698,8 +748,8 @@ def read_for_model(lake: Lake, days: Sequence[date], cfg, cal: Calendar, labels_
             return target, None
         terminal = None
         if terminal_len:
-            parts = [TerminalRows.of_frame(pool)] + ([older_rows.result()] if older else [])
-            terminal = build_terminal_history(target, parts[::-1], terminal_len, cfg.label_delay_days, events)
+            parts = [*older_rows.result(), TerminalRows.of_frame(pool)]  # in day order
+            terminal = build_terminal_history(target, parts, terminal_len, cfg.label_delay_days, events)
         out = card.result()
     out.terminal = terminal
     return target, out

@@ -179,25 +179,15 @@ def predict(loaded: Loaded, frame: FeatureFrame, history: CardHistory | None = N
     folded = _FoldedSequence(scorer)
     x = torch.from_numpy(frame.x)
     gap_all = torch.from_numpy(history.gap_days)
-    raw_pool = torch.from_numpy(history.pool)
-    # once per pool row some scored row looks back at, not per use, and not for the rows none does:
-    # the projections are kept for those rows only (a smaller table to gather from), and the previous
-    # rows renumbered into it; a missing one (-1) gathers row 0 before its presence of 0 masks it
-    has = history.prev >= 0
-    used = np.zeros(len(history.pool), dtype=bool)
-    used[history.prev[has]] = True
-    rows = np.flatnonzero(used)
-    place = np.cumsum(used, dtype=np.int64)
-    place -= 1
-    prev_all = torch.from_numpy(np.where(has, place[np.maximum(history.prev, 0)], -1))
-    del place, used
-    rows = torch.from_numpy(rows)
-    projected = torch.empty(max(len(rows), 1), folded.weight.shape[1])
-    projected[0] = 0  # what a frame with no previous row at all gathers
+    raw_pool = torch.from_numpy(history.pool)  # just the rows some scored row looks back at
+    prev_all = torch.from_numpy(history.prev)
+    projected = torch.empty(max(len(raw_pool), 1), folded.weight.shape[1])
+    projected[0] = 0  # what a frame with no previous row at all gathers (a missing one, -1, gathers row 0
+    #                   before its presence of 0 masks it)
     chunk = 8192
 
-    def project(s: int, e: int) -> None:
-        projected[s:e] = folded.project(raw_pool.index_select(0, rows[s:e]))
+    def project(s: int, e: int) -> None:  # once per pool row, not once per use
+        projected[s:e] = folded.project(raw_pool[s:e])
 
     terminal_all = torch.from_numpy(history.terminal) if history.terminal is not None else None
 
@@ -208,7 +198,7 @@ def predict(loaded: Loaded, frame: FeatureFrame, history: CardHistory | None = N
         out[s:e] = torch.sigmoid(scorer.model.head_of(scorer.transform(x[s:e]), folded.last_state(steps), terminal)).numpy()
 
     workers = workers or score_workers()
-    _run_chunks(project, len(rows), chunk, workers)
+    _run_chunks(project, len(raw_pool), chunk, workers)
     _run_chunks(score, len(frame), chunk, workers)
     return out
 
