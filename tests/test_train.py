@@ -406,7 +406,6 @@ def test_history_lookups_agree_with_the_three_key_sort_used_when_codes_would_ove
     the same history. With sparse terminal ids over 60 days, at microsecond resolution, the
     (terminal, microsecond) code overflows unless the ids are first replaced by their rank among the
     ids present, which is then the path taken; with whole seconds the code counts seconds."""
-    from jobs.torch import data as D
 
     rng = np.random.default_rng(0)
 
@@ -445,7 +444,6 @@ def test_history_rows_older_than_a_cards_last_k_are_not_sorted_and_the_history_i
     """With several transactions a card a day (as the generator makes), most of a week's history rows
     have k rows of their card on later days: they are left out of the sort, and every target row
     (on two target days) still links to the same previous rows as when all rows are sorted."""
-    from jobs.torch import data as D
 
     rng = np.random.default_rng(5)
 

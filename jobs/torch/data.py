@@ -669,7 +669,9 @@ def build_terminal_history(target: FeatureFrame, pool: TerminalRows | Sequence[T
     shows[:, 1] = log_amount / 5
     shows[:, 2] = log_amount - np.log1p(np.maximum(pool.avg30, 0))
     out = np.zeros((m, k, TERMINAL_STEP), dtype=np.float32)
-    for back in range(1, k + 1 if len(pool.terminal) else 1):
+    if not len(pool.terminal):  # no terminal row at all: every slot stays empty
+        return out
+    for back in range(1, k + 1):
         pos = upto - back
         ok = pos >= 0
         pos[~ok] = 0
