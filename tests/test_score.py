@@ -304,3 +304,31 @@ def test_a_torch_step_process_runs_without_numpys_huge_page_advice_unless_the_en
     code = "import jobs.torch.score, numpy; print(numpy._core.multiarray._get_madvise_hugepage())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ("True" if setting == "1" else "False")
+
+
+_REFAULTS = """
+import resource, jobs.torch, numpy as np
+np.ones(1 << 24)  # 128 MiB, touched, then freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+np.ones(1 << 24)
+print(jobs.torch.KEPT_FREED_MEMORY, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.parametrize("tunables", [None, "glibc.malloc.check=0"], ids=["default", "operator"])
+def test_a_torch_step_process_reuses_freed_memory_without_new_page_faults_unless_the_environment_tunes_malloc(
+        tunables):
+    """A second 128 MiB array in a torch step's process lands on the pages the first one had: no
+    fault for each of its 32,768 pages, as when glibc maps and unmaps every large block. An
+    operator's own glibc.malloc tunables leave the allocator as they set it."""
+    if not hasattr(os, "confstr") or "glibc" not in (os.confstr("CS_GNU_LIBC_VERSION") or ""):
+        pytest.skip("glibc's allocator only")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if tunables is not None:
+        env["GLIBC_TUNABLES"] = tunables
+    out = subprocess.run([sys.executable, "-c", _REFAULTS], env=env, capture_output=True, text=True, check=True)
+    kept, faults = out.stdout.split()
+    if tunables is None:
+        assert kept == "True" and int(faults) < 2_000
+    else:
+        assert kept == "False" and int(faults) > 30_000
