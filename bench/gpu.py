@@ -148,5 +148,5 @@ def _sync(device: torch.device) -> None:
 
 def _head(history, k: int):
     """The first ``k`` targets' history (the pool stays whole: the rows point into it)."""
-    return CardHistory(history.pool, history.prev[:k], history.gap_days[:k],
-                       None if history.terminal is None else history.terminal[:k])
+    return CardHistory(history.prev[:k], history.gap_days[:k], None if history.terminal is None else history.terminal[:k],
+                       history.pool_rows, history.source)

@@ -287,6 +287,12 @@ def test_sequence_model_uses_the_cards_earlier_feature_rows(lake):
     frame, history = read_for_model(lake, [target_day], loaded.config, CAL)
     scores = predict(loaded, frame, history)
     assert scores.shape == (len(frame),) and np.isfinite(scores).all()
+    # the same scores from a row-major frame and a pool given whole (as other callers hold them)
+    row_major = FeatureFrame(np.ascontiguousarray(frame.x), frame.label, frame.card, frame.time_us, frame.txid,
+                             frame.terminal)
+    whole = D.CardHistory.of_pool(history.pool, history.prev, history.gap_days, history.terminal)
+    assert frame.x.strides[0] == frame.x.itemsize and history.pool_rows is not None
+    np.testing.assert_allclose(predict(loaded, row_major, whole), scores, rtol=1e-6, atol=1e-9)
     program = torch.export.load(io.BytesIO(R.Registry(lake).read_file(version["version"], R.EXPORT))).module()
     k = loaded.config.seq_len
     prev = torch.from_numpy(history.pool)[torch.from_numpy(history.prev).clamp_min(0)]
@@ -361,6 +367,8 @@ def test_the_history_frame_is_filled_day_by_day_in_place_and_checked_against_the
     for name in ("x", "card", "time_us", "txid", "terminal"):
         assert np.array_equal(getattr(frame, name), getattr(expected, name)), name
     assert not frame.label.any()
+    # laid out by column, filled a column at a time, with the values of a row-major fill
+    assert frame.x.strides[0] == frame.x.itemsize and expected.x.flags.c_contiguous
     with ThreadPoolExecutor(1) as helper:  # the days shared with a second thread: the same frame
         helper.submit(time.sleep, 0.2)  # busy at first, as with the label reads: it joins in late
         shared, shared_counts = read_frame(lake, days, helper=helper)
@@ -491,6 +499,16 @@ def test_card_history_links_each_target_to_the_previous_rows_of_its_card_and_kee
     pool = FeatureFrame.concat([history, target])
     assert np.array_equal(linked.pool, pool.x[linked.pool_rows])
     assert np.array_equal(np.unique(linked.prev[linked.prev >= 0]), np.arange(len(linked.pool)))
+    assert (np.diff(linked.pool_rows) > 0).all()  # in the order read: the scorer's gathers walk forwards
+    # the same pool gathered from rows laid out by column, whole or a few positions at a time
+    by_column = FeatureFrame.empty(len(pool), by_column=True)
+    for name in D._FRAME_FIELDS:
+        getattr(by_column, name)[:] = getattr(pool, name)
+    again = D.build_history(by_column.rows(len(history), len(pool)), by_column.rows(0, len(history)), k, pool=by_column)
+    assert np.array_equal(again.prev, linked.prev) and np.array_equal(again.pool_rows, linked.pool_rows)
+    some = np.array([3, 0, 3, len(linked.pool_rows) - 1])
+    assert np.array_equal(again.pool_inputs(some), linked.pool[some]) and np.array_equal(again.pool, linked.pool)
+    assert again.pool.flags.c_contiguous
     for i in range(len(target)):
         mine = (pool.time_us[len(history) + i], pool.txid[len(history) + i])
         before = sorted((j for j in np.flatnonzero(pool.card == target.card[i]) if (pool.time_us[j], pool.txid[j]) < mine),

@@ -51,9 +51,9 @@ def integrated_gradients(loaded: Loaded, x: np.ndarray, history: CardHistory | N
         if history is None or rows is None:
             raise ValueError(f"model {loaded.version} is a sequence model: it needs the card history")
         prev = torch.from_numpy(history.prev[rows])
-        pool_rows = torch.from_numpy(history.pool[np.clip(prev.numpy(), 0, None).ravel()])
-        with torch.no_grad():
-            scaled = scorer.transform(pool_rows).view(m, prev.shape[1], -1)
+        with torch.no_grad():  # just these rows' previous rows, not the whole pool
+            scaled = scorer.transform(torch.from_numpy(history.pool_inputs(np.clip(prev.numpy(), 0, None).ravel()))
+                                      ).view(m, prev.shape[1], -1)
         gap = torch.from_numpy(history.gap_days[rows])
         terminal = torch.from_numpy(history.terminal[rows]) if history.terminal is not None else None
 

@@ -20,16 +20,46 @@ from torch import nn
 
 from jobs.common.schema import MODEL_INPUTS
 from jobs.torch.checkpoint import Loaded
-from jobs.torch.data import CardHistory, FeatureFrame
-from jobs.torch.model import _AMOUNT, _AVERAGES, _COUNTS, N_DERIVED, Scorer, derive, gather_rows
+from jobs.torch.data import CardHistory, FeatureFrame, gather_inputs
+from jobs.torch.model import _AMOUNT, _AVERAGES, _COUNTS, N_DERIVED, Scorer, gather_rows
 
 SCORE_BATCH = 1 << 16
 SCORE_CHUNK = 1024  # rows per matmul: the [chunk, hidden] activations stay in the core's cache
+SEQ_CHUNK = 8192  # sequence model: rows per step of its GRU and head
 
 
 def score_workers() -> int:
     """Worker threads for scoring: one per core (capped at 8)."""
     return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _derived_rows(cols: torch.Tensor) -> torch.Tensor:
+    """The 10 derived features [10, n] of inputs laid out a feature per row, ``cols`` [15, n]: log
+    amount, log counts, log ratios of the amount to the averages (:func:`jobs.torch.model.derive`),
+    each computed along a row of ``cols``, with no [n, 25] gather and concatenation."""
+    d = torch.empty(N_DERIVED - len(MODEL_INPUTS), cols.shape[1])
+    torch.log1p(cols[_AMOUNT].clamp_min(0), out=d[0])
+    torch.log1p(cols[_COUNTS].clamp_min(0), out=d[1 : 1 + len(_COUNTS)])
+    ratio = d[1 + len(_COUNTS) :]
+    torch.log1p(cols[_AVERAGES].clamp_min(0), out=ratio)
+    torch.sub(d[0:1], ratio, out=ratio)
+    return d
+
+
+def _fold_scaler(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A linear layer over scaled features ``(d - mean) / std`` as one over the unscaled ``d``: its
+    [15, H] and [10, H] right operands for the raw and the derived features, and its bias."""
+    w, mean, std = weight.detach().double(), mean.double(), std.double()
+    folded = (w / std).t().contiguous().float()
+    b = (bias.detach().double() - w @ (mean / std)).float()
+    return folded[: len(MODEL_INPUTS)], folded[len(MODEL_INPUTS) :], b
+
+
+def _project_columns(cols: torch.Tensor, raw_w: torch.Tensor, derived_w: torch.Tensor, bias: torch.Tensor
+                     ) -> torch.Tensor:
+    """[n, H] = the folded layer (:func:`_fold_scaler`) on inputs laid out a feature per row, [15, n]."""
+    return torch.addmm(bias, cols.t(), raw_w).addmm_(_derived_rows(cols).t(), derived_w)
 
 
 class _FoldedMLP:
@@ -81,24 +111,47 @@ class _FoldedSequence:
     (8 by default, against the 25 scaled features the module would gather for every use of it);
     per scored row only the gap and presence terms are added. The GRU runs as its gate equations
     (:meth:`last_state`): for 8 hidden units ``nn.GRU`` spends more time dispatching than computing,
-    about twice as long per row. Scores match the module within float32 rounding.
+    about twice as long per row. The head's first layer takes the scored row's inputs with the
+    scaler folded in the same way, its GRU state and its terminal rows as three products summed
+    into one [n, hidden] output, with no concatenation (:meth:`head`). Both read the inputs a feature
+    per row ([15, n], as a frame laid out by column holds them), so the derived features are
+    computed along contiguous rows. Scores match the module within float32 rounding.
     """
 
     def __init__(self, scorer: Scorer):
-        t, step = scorer.transform, scorer.model.step
-        w, b = step.weight.detach().double(), step.bias.detach().double()
-        w_z = w[:, :N_DERIVED]
-        mean, std = t.mean.double(), t.std.double()
-        self.weight = (w_z / std).t().contiguous().float()  # [25, H]
-        self.bias = (-(w_z @ (mean / std))).float()
-        self.w_gap, self.w_present, self.step_bias = w[:, N_DERIVED].float(), w[:, N_DERIVED + 1].float(), b.float()
-        gru = scorer.model.gru
+        t, model = scorer.transform, scorer.model
+        step = model.step
+        w = step.weight.detach()
+        self.raw_w, self.derived_w, self.bias = _fold_scaler(w[:, :N_DERIVED], torch.zeros(w.shape[0]), t.mean, t.std)
+        self.w_gap, self.w_present = w[:, N_DERIVED].float(), w[:, N_DERIVED + 1].float()
+        self.step_bias = step.bias.detach().float()
+        gru = model.gru
         self.w_ih, self.b_ih = gru.weight_ih_l0.detach().t().contiguous(), gru.bias_ih_l0.detach()
         self.w_hh, self.b_hh = gru.weight_hh_l0.detach().t().contiguous(), gru.bias_hh_l0.detach()
+        # the head's first layer over [scaled own inputs (25), GRU state (H), terminal rows]: the scaler
+        # folded into the own inputs' part, the others as they are
+        linears = [m for m in model.head.net if isinstance(m, nn.Linear)]
+        first = linears[0].weight.detach()
+        hid = self.w_hh.shape[0]
+        self.head_raw_w, self.head_derived_w, self.head_bias = _fold_scaler(first[:, :N_DERIVED], linears[0].bias,
+                                                                            t.mean, t.std)
+        self.head_state_w = first[:, N_DERIVED : N_DERIVED + hid].t().contiguous()
+        self.head_terminal_w = first[:, N_DERIVED + hid :].t().contiguous() if first.shape[1] > N_DERIVED + hid else None
+        self.head_rest = [(m.bias.detach().float(), m.weight.detach().t().contiguous().float()) for m in linears[1:]]
 
-    def project(self, raw: torch.Tensor) -> torch.Tensor:
-        """History rows' raw inputs [n, 15] -> their part of the step layer's output [n, H]."""
-        return torch.addmm(self.bias, derive(raw), self.weight)
+    def project(self, cols: torch.Tensor) -> torch.Tensor:
+        """History rows' raw inputs, a feature per row [15, n] -> their part of the step layer's output [n, H]."""
+        return _project_columns(cols, self.raw_w, self.derived_w, self.bias)
+
+    def head(self, cols: torch.Tensor, state: torch.Tensor, terminal: torch.Tensor | None) -> torch.Tensor:
+        """The logit [n] from the scored rows' raw inputs [15, n] (a feature per row), the GRU's last
+        state [n, H] and the terminal rows [n, kt, TERMINAL_STEP] (``CardSequenceModel.head_of``)."""
+        h = _project_columns(cols, self.head_raw_w, self.head_derived_w, self.head_bias).addmm_(state, self.head_state_w)
+        if self.head_terminal_w is not None:
+            h.addmm_(terminal.flatten(1), self.head_terminal_w)
+        for b, w in self.head_rest:
+            h = torch.addmm(b, h.relu_(), w)
+        return h.squeeze(1)
 
     def steps(self, projected: torch.Tensor, gap: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """The step layer's output [B, k, H] from the gathered projections [B, k, H]."""
@@ -179,15 +232,18 @@ def predict(loaded: Loaded, frame: FeatureFrame, history: CardHistory | None = N
     folded = _FoldedSequence(scorer)
     x = torch.from_numpy(frame.x)
     gap_all = torch.from_numpy(history.gap_days)
-    raw_pool = torch.from_numpy(history.pool)  # just the rows some scored row looks back at
+    source = torch.from_numpy(history.source)
+    # just the rows some scored row looks back at, gathered from the rows as read a chunk at a time
+    pool_rows = torch.from_numpy(history.pool_rows) if history.pool_rows is not None else None
+    pool_size = len(pool_rows) if pool_rows is not None else len(source)
     prev_all = torch.from_numpy(history.prev)
-    projected = torch.empty(max(len(raw_pool), 1), folded.weight.shape[1])
+    projected = torch.empty(max(pool_size, 1), folded.raw_w.shape[1])
     projected[0] = 0  # what a frame with no previous row at all gathers (a missing one, -1, gathers row 0
     #                   before its presence of 0 masks it)
-    chunk = 8192
 
     def project(s: int, e: int) -> None:  # once per pool row, not once per use
-        projected[s:e] = folded.project(raw_pool[s:e])
+        raw = source[s:e] if pool_rows is None else gather_inputs(source, pool_rows[s:e])
+        projected[s:e] = folded.project(raw.t())
 
     terminal_all = torch.from_numpy(history.terminal) if history.terminal is not None else None
 
@@ -195,11 +251,14 @@ def predict(loaded: Loaded, frame: FeatureFrame, history: CardHistory | None = N
         prev = prev_all[s:e]
         steps = folded.steps(gather_rows(projected, prev), gap_all[s:e], (prev >= 0).float())
         terminal = terminal_all[s:e] if terminal_all is not None else None
-        out[s:e] = torch.sigmoid(scorer.model.head_of(scorer.transform(x[s:e]), folded.last_state(steps), terminal)).numpy()
+        if scorer.model.terminal_len and terminal is None:
+            raise ValueError(f"model {loaded.version} reads its terminal's last {scorer.model.terminal_len} matured "
+                             "rows: the history has none (jobs.torch.data.read_for_model builds them)")
+        out[s:e] = torch.sigmoid(folded.head(x[s:e].t(), folded.last_state(steps), terminal)).numpy()
 
     workers = workers or score_workers()
-    _run_chunks(project, len(raw_pool), chunk, workers)
-    _run_chunks(score, len(frame), chunk, workers)
+    _run_chunks(project, pool_size, SEQ_CHUNK, workers)
+    _run_chunks(score, len(frame), SEQ_CHUNK, workers)
     return out
 
 
