@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
@@ -604,3 +605,40 @@ def test_an_ensemble_is_stored_as_one_wider_mlp_with_the_mean_logit():
     with torch.no_grad():
         expected = torch.stack([m(z) for m in members]).mean(dim=0)
         torch.testing.assert_close(merged(z), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_work_runs_every_piece_once_on_either_thread_and_the_helper_returns_when_the_job_ends():
+    """A job's pieces run once each, here or on the helping thread, results in order; a failing piece
+    fails the job with its error; the helper returns once the job is over, whichever way it ended."""
+    shared = D.SharedWork()
+    ran: list[tuple[int, str]] = []
+    started = threading.Event()
+
+    def piece(i: int) -> int:
+        ran.append((i, threading.current_thread().name))
+        if i == 0:
+            started.set()
+            time.sleep(0.2)  # the helper takes the others meanwhile
+        return i * i
+
+    def job() -> list:
+        return shared.run([lambda i=i: piece(i) for i in range(6)]) + shared.run([lambda: piece(6)])
+
+    with ThreadPoolExecutor(1, thread_name_prefix="owner") as side:
+        done = side.submit(job)
+        started.wait(5)
+        shared.help_until(done)
+        assert done.result() == [0, 1, 4, 9, 16, 25, 36]
+    assert sorted(i for i, _ in ran) == list(range(7))
+    assert {name for _, name in ran} == {threading.current_thread().name, "owner_0"}  # both took pieces
+
+    failing = D.SharedWork()
+
+    def broken() -> None:
+        raise ValueError("piece 2 failed")
+
+    with ThreadPoolExecutor(1) as side:
+        done = side.submit(failing.run, [lambda: None, lambda: time.sleep(0.1), broken, lambda: None])
+        failing.help_until(done)
+        with pytest.raises(ValueError, match="piece 2 failed"):
+            done.result()

@@ -13,8 +13,9 @@ last matured transactions with their labels as of the transaction's own time.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+import queue
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import date, timedelta
 from functools import cached_property
@@ -573,20 +574,75 @@ def gather_inputs(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.index_select(x, 0, rows)
 
 
+class SharedWork:
+    """Pieces of one job that a thread with nothing else to do may take over.
+
+    The job's own thread hands a list of independent pieces to :meth:`run`, which runs them, and
+    another thread that waits for the job runs pieces too (:meth:`help_until`): with the card history
+    on one thread and the shorter terminal history on the other, the second one's idle time goes into
+    the first one's last steps. numpy releases the GIL in the array passes the pieces are made of.
+    Waits are plain blocking ones (no timed polling): the job's end puts a last, empty item.
+    """
+
+    def __init__(self) -> None:
+        self._pieces: queue.SimpleQueue = queue.SimpleQueue()
+
+    @staticmethod
+    def _run_piece(done: Future, piece: Callable[[], object]) -> None:
+        if done.set_running_or_notify_cancel():
+            try:
+                done.set_result(piece())
+            except BaseException as exc:  # handed to the job's thread, which raises it
+                done.set_exception(exc)
+
+    def run(self, pieces: Sequence[Callable[[], object]]) -> list:
+        """Run every piece, here or on a helping thread; their results in order (the first error raised)."""
+        futures = [Future() for _ in pieces]
+        for done, piece in zip(futures, pieces, strict=True):
+            self._pieces.put((done, piece))
+        for _ in futures:  # as many as were put, unless a helper took some: then the queue runs dry
+            try:
+                item = self._pieces.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:  # not expected while the job runs; kept for the helper
+                self._pieces.put(None)
+                break
+            self._run_piece(*item)
+        return [f.result() for f in futures]
+
+    def help_until(self, job: Future) -> None:
+        """Run pieces until ``job`` is done (then its result is ready)."""
+        job.add_done_callback(lambda _: self._pieces.put(None))
+        while (item := self._pieces.get()) is not None:
+            self._run_piece(*item)
+
+
+def _spans(n: int, parts: int) -> list[tuple[int, int]]:
+    """[0, n) in ``parts`` consecutive spans of nearly equal length (none empty)."""
+    cuts = np.linspace(0, n, min(parts, max(n, 1)) + 1).astype(np.int64).tolist()
+    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+
+
+_SHARED_PIECES = 6  # pieces per shared step of the card history: small enough that a late helper gets some
+
+
 def take_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``x[rows]`` for a 2-D array as a row-major array, with torch's gather on its intra-op threads:
     about 2x ``np.take`` on two cores (the rows are scattered, so it waits on memory, not on arithmetic)."""
     return np.ascontiguousarray(gather_inputs(torch.from_numpy(x), torch.from_numpy(rows)).numpy())
 
 
-def build_history(target: FeatureFrame, history: FeatureFrame, k: int, pool: FeatureFrame | None = None
-                  ) -> CardHistory:
+def build_history(target: FeatureFrame, history: FeatureFrame, k: int, pool: FeatureFrame | None = None,
+                  shared: SharedWork | None = None) -> CardHistory:
     """Link every target row to its card's previous k rows among history + target rows.
 
     Order within a card: time, then transaction id (rows at the same second are ordered by id).
     ``pool``: history and target already as one frame, in that order (``target`` and ``history`` are
-    then views of it), so the rows are not copied again.
+    then views of it), so the rows are not copied again. ``shared``: the steps after the sort go in
+    pieces of targets that another thread may take (:class:`SharedWork`); the result is the same.
     """
+    shared = shared or SharedWork()
     pool = FeatureFrame.concat([history, target]) if pool is None else pool
     n_hist = len(history)
     # the history rows that can be looked back at: of the targets' cards, among their last k
@@ -605,15 +661,21 @@ def build_history(target: FeatureFrame, history: FeatureFrame, k: int, pool: Fea
     # that walk the arrays forwards, not a cache miss per target and step), then moved to the
     # targets' own order in one scatter of whole rows
     card_at, time_at = sorted_card[at], sorted_time[at]
-    links = []
+    m = len(at)
+    link_pos = np.empty((k, m), dtype=np.int64)  # per step back, the sorted position looked at
+    link_ok = np.empty((k, m), dtype=bool)  # and whether it holds a row of the target's card
     looked_at = np.zeros(len(order), dtype=bool)  # sorted positions some target looks back at
-    for back in range(1, k + 1):
-        pos = at - back
-        ok = pos >= 0
-        pos[~ok] = 0
-        ok &= sorted_card[pos] == card_at
-        looked_at[pos[ok]] = True
-        links.append((pos, ok))
+
+    def link(a: int, b: int) -> None:
+        for back in range(1, k + 1):
+            pos, ok = link_pos[back - 1, a:b], link_ok[back - 1, a:b]
+            np.subtract(at[a:b], back, out=pos)
+            np.greater_equal(pos, 0, out=ok)
+            pos[~ok] = 0
+            ok &= np.take(sorted_card, pos) == card_at[a:b]
+            looked_at[pos[ok]] = True  # every piece writes only True: the order of the writes does not matter
+
+    shared.run([lambda a=a, b=b: link(a, b) for a, b in _spans(m, _SHARED_PIECES)])
     # the pool keeps just those rows (about 4 in 10 of a week's rows at one row a card a day), in
     # their order as read, which the scorer's gathers walk forwards; ``compact``: each sorted
     # position's pool row
@@ -626,18 +688,22 @@ def build_history(target: FeatureFrame, history: FeatureFrame, k: int, pool: Fea
     compact = np.zeros(len(order), dtype=np.int64)
     compact[looked_at] = np.take(rank, looked_at_rows)
     del kept, rank, looked_at_rows
-    prev_sorted = np.empty((len(at), k), dtype=np.int64)
-    gap_sorted = np.empty((len(at), k), dtype=np.float32)
-    for back, (pos, ok) in enumerate(links, start=1):
-        col = k - back  # oldest first: the newest previous row is the last column
-        np.copyto(prev_sorted[:, col], np.where(ok, np.take(compact, pos), -1))
-        np.copyto(gap_sorted[:, col], np.where(ok, (time_at - np.take(sorted_time, pos)) / MICROS_PER_DAY, 0))
-    del links, compact
-    prev = np.empty_like(prev_sorted)
-    gap = np.empty_like(gap_sorted)
-    target_row = order[at] - n_hist
-    prev[target_row] = prev_sorted
-    gap[target_row] = gap_sorted
+    prev = np.empty((m, k), dtype=np.int64)
+    gap = np.empty((m, k), dtype=np.float32)
+
+    def fill(a: int, b: int) -> None:
+        prev_sorted = np.empty((b - a, k), dtype=np.int64)
+        gap_sorted = np.empty((b - a, k), dtype=np.float32)
+        for back in range(1, k + 1):
+            pos, ok = link_pos[back - 1, a:b], link_ok[back - 1, a:b]
+            col = k - back  # oldest first: the newest previous row is the last column
+            np.copyto(prev_sorted[:, col], np.where(ok, np.take(compact, pos), -1))
+            np.copyto(gap_sorted[:, col], np.where(ok, (time_at[a:b] - np.take(sorted_time, pos)) / MICROS_PER_DAY, 0))
+        target_row = order[at[a:b]] - n_hist
+        prev[target_row] = prev_sorted  # each piece writes its own targets' rows
+        gap[target_row] = gap_sorted
+
+    shared.run([lambda a=a, b=b: fill(a, b) for a, b in _spans(m, _SHARED_PIECES)])
     return CardHistory(prev=prev, gap_days=gap, pool_rows=pool_rows, source=pool.x)
 
 
@@ -790,7 +856,8 @@ def read_for_model(lake: Lake, days: Sequence[date], cfg, cal: Calendar, labels_
         pool, day_rows = read_frame(lake, [*wanted, *days], helper=side)
         n_hist = sum(day_rows[: len(wanted)])
         target, history = pool.rows(n_hist, len(pool)), pool.rows(0, n_hist)
-        card = side.submit(build_history, target, history, cfg.seq_len, pool=pool) if seq else None
+        shared = SharedWork()  # the card history's last steps, which this thread joins once the terminal's are done
+        card = side.submit(build_history, target, history, cfg.seq_len, pool=pool, shared=shared) if seq else None
         events = labels.result()
         if labels_as_of is not None:
             attach_targets(target, events, labels_as_of)
@@ -800,6 +867,7 @@ def read_for_model(lake: Lake, days: Sequence[date], cfg, cal: Calendar, labels_
         if terminal_len:
             parts = [*older_rows.result(), TerminalRows.of_frame(pool)]  # in day order
             terminal = build_terminal_history(target, parts, terminal_len, cfg.label_delay_days, events)
+        shared.help_until(card)
         out = card.result()
     out.terminal = terminal
     return target, out

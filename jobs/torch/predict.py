@@ -123,16 +123,24 @@ class _FoldedSequence:
         step = model.step
         w = step.weight.detach()
         self.raw_w, self.derived_w, self.bias = _fold_scaler(w[:, :N_DERIVED], torch.zeros(w.shape[0]), t.mean, t.std)
-        self.w_gap, self.w_present = w[:, N_DERIVED].float(), w[:, N_DERIVED + 1].float()
-        self.step_bias = step.bias.detach().float()
+        # as columns: they multiply the rows of a [H, n] layout
+        self.w_gap, self.w_present = w[:, N_DERIVED : N_DERIVED + 1].float(), w[:, N_DERIVED + 1 : N_DERIVED + 2].float()
+        self.step_bias = step.bias.detach().float().view(-1, 1)
         gru = model.gru
-        self.w_ih, self.b_ih = gru.weight_ih_l0.detach().t().contiguous(), gru.bias_ih_l0.detach()
-        self.w_hh, self.b_hh = gru.weight_hh_l0.detach().t().contiguous(), gru.bias_hh_l0.detach()
+        hid = gru.hidden_size
+        # the GRU's matrices as they multiply a state laid out a unit per row ([H, n]); the hidden
+        # biases of the reset and update gates added to the input ones (both are plain sums there)
+        self.w_ih = gru.weight_ih_l0.detach().clone()  # [3H, H]
+        self.b_i = gru.bias_ih_l0.detach().clone()
+        self.b_i[: 2 * hid] += gru.bias_hh_l0.detach()[: 2 * hid]
+        self.b_i = self.b_i.view(-1, 1)
+        w_hh = gru.weight_hh_l0.detach()
+        self.w_hh_rz, self.w_hh_n = w_hh[: 2 * hid].contiguous(), w_hh[2 * hid :].contiguous()
+        self.b_hn = gru.bias_hh_l0.detach()[2 * hid :].clone().view(-1, 1)
         # the head's first layer over [scaled own inputs (25), GRU state (H), terminal rows]: the scaler
         # folded into the own inputs' part, the others as they are
         linears = [m for m in model.head.net if isinstance(m, nn.Linear)]
         first = linears[0].weight.detach()
-        hid = self.w_hh.shape[0]
         self.head_raw_w, self.head_derived_w, self.head_bias = _fold_scaler(first[:, :N_DERIVED], linears[0].bias,
                                                                             t.mean, t.std)
         self.head_state_w = first[:, N_DERIVED : N_DERIVED + hid].t().contiguous()
@@ -153,28 +161,42 @@ class _FoldedSequence:
             h = torch.addmm(b, h.relu_(), w)
         return h.squeeze(1)
 
-    def steps(self, projected: torch.Tensor, gap: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """The step layer's output [B, k, H] from the gathered projections [B, k, H]."""
-        u = torch.log1p(gap.clamp_min(0)).unsqueeze(-1) * self.w_gap
-        return u.add_(projected).add_(self.w_present).mul_(present.unsqueeze(-1)).add_(self.step_bias)
+    def steps(self, projected: torch.Tensor, prev: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+        """The GRU's inputs, ``relu`` of the step layer's output, laid out a unit per row [H, k, B]:
+        for [B, k] previous rows ``prev`` (pool rows, -1 for none) and their ``gap`` in days, from the
+        pool rows' ``projected`` [N, H]. The projections are gathered step by step ([k * B, H]) and
+        turned once; every elementwise pass then walks rows of k * B numbers."""
+        b, k = prev.shape
+        hid = projected.shape[1]
+        xs = gather_rows(projected, prev.t()).view(k * b, hid).t().contiguous()  # [H, k * B]
+        present = (prev.t() >= 0).float().reshape(1, k * b)
+        lg = torch.log1p(gap.t().clamp_min(0)).reshape(1, k * b)
+        xs.addcmul_(self.w_gap, lg).add_(self.w_present).mul_(present).add_(self.step_bias).relu_()
+        return xs.view(hid, k, b)
 
-    def last_state(self, steps: torch.Tensor) -> torch.Tensor:
-        """``nn.GRU``'s last hidden state [B, H] over ``relu(steps)`` [B, k, H], from a zero state.
+    def last_state(self, xs: torch.Tensor) -> torch.Tensor:
+        """``nn.GRU``'s last hidden state [B, H] over its inputs ``xs`` [H, k, B] (:meth:`steps`), from
+        a zero state.
 
         Its equations, gates in torch's order (reset, update, new): r, z = sigmoid(W_i x + b_i +
-        W_h h + b_h); n = tanh(W_in x + b_in + r * (W_hn h + b_hn)); h' = n + z * (h - n). The input
-        part of every step is one matmul; the first step's hidden part is just its bias.
+        W_h h + b_h); n = tanh(W_in x + b_in + r * (W_hn h + b_hn)); h' = n + z * (h - n), a lerp
+        from n to h. They run on the state laid out a unit per row ([H, B]): each elementwise step
+        then walks rows of B numbers, where with [B, H] it walked B rows of 8 to 16 (a third less
+        time in all). The input part of every step is one matmul; the first step's hidden part is
+        just its bias.
         """
-        b, k, hid = steps.shape
-        gi = torch.addmm(self.b_ih, torch.relu(steps).view(b * k, hid), self.w_ih).view(b, k, 3 * hid)
-        h = None
-        for t in range(k):
+        hid, k, b = xs.shape
+        gi = torch.addmm(self.b_i, self.w_ih, xs.view(hid, k * b)).view(3 * hid, k, b)
+        g = gi[:, 0]
+        rz = torch.sigmoid(g[: 2 * hid])
+        n = torch.addcmul(g[2 * hid :], rz[:hid], self.b_hn).tanh_()
+        h = torch.addcmul(n, rz[hid:], n, value=-1)  # from a zero state: n - z n
+        for t in range(1, k):
             g = gi[:, t]
-            gh = self.b_hh if h is None else torch.addmm(self.b_hh, h, self.w_hh)
-            rz = torch.sigmoid(torch.add(g[:, : 2 * hid], gh[..., : 2 * hid]))
-            n = torch.tanh(torch.addcmul(g[:, 2 * hid :], rz[:, :hid], gh[..., 2 * hid :]))
-            h = n - rz[:, hid:] * n if h is None else torch.addcmul(n, rz[:, hid:], h - n)
-        return h
+            rz = torch.addmm(g[: 2 * hid], self.w_hh_rz, h).sigmoid_()
+            n = torch.addcmul(g[2 * hid :], rz[:hid], torch.addmm(self.b_hn, self.w_hh_n, h)).tanh_()
+            h = torch.lerp(n, h, rz[hid:])
+        return h.t()
 
 
 def _run_chunks(fn, n: int, chunk: int, workers: int) -> None:
@@ -249,7 +271,7 @@ def predict(loaded: Loaded, frame: FeatureFrame, history: CardHistory | None = N
 
     def score(s: int, e: int) -> None:
         prev = prev_all[s:e]
-        steps = folded.steps(gather_rows(projected, prev), gap_all[s:e], (prev >= 0).float())
+        steps = folded.steps(projected, prev, gap_all[s:e])
         terminal = terminal_all[s:e] if terminal_all is not None else None
         if scorer.model.terminal_len and terminal is None:
             raise ValueError(f"model {loaded.version} reads its terminal's last {scorer.model.terminal_len} matured "
