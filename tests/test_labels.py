@@ -185,12 +185,15 @@ def test_the_latest_event_reported_at_or_before_t_wins_and_a_fraud_wins_a_tie():
     assert events.as_of(ask, at).tolist() == [0, 1, 1, 0, 1, 0, 1, 0]
 
 
+@pytest.mark.parametrize("one_each", [False, True], ids=["several", "one-each"])  # one each: one search a query
 @pytest.mark.parametrize("in_id_order", [False, True], ids=["no-order", "by-id"])  # by id: the index skips its sort
 @pytest.mark.parametrize("queries", [40, 20_000], ids=["few", "many"])  # many: the queries are sorted first
-def test_label_lookups_agree_with_reading_every_event_in_turn(queries, in_id_order):
+def test_label_lookups_agree_with_reading_every_event_in_turn(queries, in_id_order, one_each):
     rng = np.random.default_rng(5)
     n = 3_000  # ids with one event and ids with many, some at one instant, in no order
-    events = LabelEvents(rng.integers(0, 1_500, n) * 11, rng.integers(0, 50, n) * 1_000, rng.integers(0, 2, n).astype(np.int8))
+    ids = rng.permutation(1_500) if one_each else rng.integers(0, 1_500, n)
+    n = len(ids)
+    events = LabelEvents(ids * 11, rng.integers(0, 50, n) * 1_000, rng.integers(0, 2, n).astype(np.int8))
     if in_id_order:  # ascending ids, an id's events still in no order of time or label
         by = np.argsort(events.txid, kind="stable")
         events = LabelEvents(events.txid[by], events.reported_us[by], events.label[by])
@@ -206,6 +209,7 @@ def test_label_lookups_agree_with_reading_every_event_in_turn(queries, in_id_ord
     assert label.tolist() == expected
     assert final.tolist() == [all(e[0] <= t for e in by_id.get(tx, [])) for tx, t in zip(ask.tolist(), at.tolist(), strict=True)]
     assert 0 < final.sum() < queries
+    assert events._one_each == one_each
 
 
 def test_terminal_risk_counts_a_label_only_once_reported():

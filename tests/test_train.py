@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -433,6 +434,15 @@ def test_history_lookups_agree_with_the_three_key_sort_used_when_codes_would_ove
     assert (terminal_order.slot_of is not None) == (terminals > 100_000) and terminal_order.code is not None
     assert terminal_order.unit == (1 if terminals > 100_000 else 1_000_000)
     fast = (D.build_history(target, pool, 5), D.build_terminal_history(target, TerminalRows.of_frame(pool), 5, 7, inline(pool)))
+    # the same rows in a part per day, with a part wholly younger than every bound (dropped whole)
+    by_day = np.argsort(pool.time_us // MICROS_PER_DAY, kind="stable")
+    rows = TerminalRows.of_frame(pool).take(by_day)
+    cuts = [0, *(np.flatnonzero(np.diff(rows.time_us // MICROS_PER_DAY)) + 1).tolist(), len(by_day)]
+    bound = int(target.time_us.max()) - 7 * MICROS_PER_DAY
+    younger = TerminalRows.of_frame(target).take(np.flatnonzero(target.time_us > bound))
+    assert len(cuts) > 10 and len(younger.terminal)
+    parts = [rows.take(np.arange(a, b)) for a, b in itertools.pairwise(cuts)] + [younger]
+    assert np.array_equal(D.build_terminal_history(target, parts, 5, 7, inline(pool)), fast[1])
 
     def three_keys(key, time, txid):
         order = np.lexsort((txid, time, key))

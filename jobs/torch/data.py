@@ -228,8 +228,9 @@ class LabelEvents:
             order = np.argsort(ids, kind="stable")
             ids = ids[order]
         tied = ids[1:] == ids[:-1]
+        self._one_each = not tied.any()
         if order is None:
-            if not tied.any():  # in order already: the arrays themselves, no copy
+            if self._one_each:  # in order already: the arrays themselves, no copy
                 return ids, self.reported_us, self.label
             order = np.arange(len(ids))
         sort_tied_runs(order, tied, self.label, self.reported_us, self.txid)
@@ -249,7 +250,13 @@ class LabelEvents:
         if len(self.txid) == 0 or len(txids) == 0:
             return out, np.ones(len(txids), dtype=bool)
         ids, reported, labels = self._index
-        first, hi = search_bounds(ids, txids)  # the query's events are first .. hi - 1
+        if self._one_each:  # at most one event an id: one search, the end is one past a match
+            (first,) = search_bounds(ids, txids, ("left",))
+            hi = first.copy()
+            inside = np.flatnonzero(first < len(ids))
+            hi[inside] += np.take(ids, first[inside]) == txids[inside]
+        else:
+            first, hi = search_bounds(ids, txids)  # the query's events are first .. hi - 1
         end = hi.copy()
         lo = first.copy()
         active = np.flatnonzero(lo < hi)
@@ -758,16 +765,21 @@ def build_terminal_history(target: FeatureFrame, pool: TerminalRows | Sequence[T
     parts = filled or parts[:1]
     if len(target) and filled:
         # rows younger than every bound, and rows of terminals no target has, are never looked up:
-        # dropped from each part, before the one copy that joins what is left
+        # dropped from each part, before the one copy that joins what is left (a part, such as a
+        # day, wholly younger is dropped whole, and one wholly older keeps its rows without a look
+        # at their times)
         bound = cut.max()
-        wanted = wanted_keys(target.terminal, *(p.terminal for p in parts))
-        kept = []
-        for p in parts:
-            keep = p.time_us <= bound
-            if wanted is not None:
-                keep &= wanted.among(p.terminal)
-            kept.append(p if keep.all() else p.take(np.flatnonzero(keep)))
-        parts = kept
+        older = [(p, int(p.time_us.max()) <= bound) for p in parts if int(p.time_us.min()) <= bound]
+        if not older:  # every row younger than every bound: none is ever shown
+            parts = [parts[0].take(np.zeros(0, np.int64))]
+        else:
+            wanted = wanted_keys(target.terminal, *(p.terminal for p, _ in older))
+            parts = []
+            for p, all_in_bound in older:
+                keep = None if all_in_bound else p.time_us <= bound
+                if wanted is not None:
+                    keep = wanted.among(p.terminal) if keep is None else keep & wanted.among(p.terminal)
+                parts.append(p if keep is None or keep.all() else p.take(np.flatnonzero(keep)))
     pool = parts[0] if len(parts) == 1 else TerminalRows.concat(parts)
     m = len(target)
     by = order_by_key_time(pool.terminal, pool.time_us, pool.txid)
@@ -865,7 +877,9 @@ def read_for_model(lake: Lake, days: Sequence[date], cfg, cal: Calendar, labels_
             return target, None
         terminal = None
         if terminal_len:
-            parts = [*older_rows.result(), TerminalRows.of_frame(pool)]  # in day order
+            starts = np.r_[0, np.cumsum(day_rows)].tolist()  # a part per day, views of the frame's rows
+            parts = [*older_rows.result(), *(TerminalRows.of_frame(pool.rows(a, b))
+                                             for a, b in itertools.pairwise(starts) if b > a)]  # in day order
             terminal = build_terminal_history(target, parts, terminal_len, cfg.label_delay_days, events)
         shared.help_until(card)
         out = card.result()
