@@ -25,7 +25,8 @@ from jobs.torch.model import _AMOUNT, _AVERAGES, _COUNTS, N_DERIVED, Scorer, gat
 
 SCORE_BATCH = 1 << 16
 SCORE_CHUNK = 1024  # rows per matmul: the [chunk, hidden] activations stay in the core's cache
-SEQ_CHUNK = 8192  # sequence model: rows per step of its GRU and head
+SEQ_CHUNK = 8192  # sequence model: rows per step of its GRU
+HEAD_CHUNK = 2048  # and of its head, whose [rows, 128] output then stays in the core's L2 cache (a fifth quicker)
 
 
 def score_workers() -> int:
@@ -276,7 +277,11 @@ def predict(loaded: Loaded, frame: FeatureFrame, history: CardHistory | None = N
         if scorer.model.terminal_len and terminal is None:
             raise ValueError(f"model {loaded.version} reads its terminal's last {scorer.model.terminal_len} matured "
                              "rows: the history has none (jobs.torch.data.read_for_model builds them)")
-        out[s:e] = torch.sigmoid(folded.head(x[s:e].t(), folded.last_state(steps), terminal)).numpy()
+        state = folded.last_state(steps)
+        for a in range(s, e, HEAD_CHUNK):
+            b = min(a + HEAD_CHUNK, e)
+            part = terminal[a - s : b - s] if terminal is not None else None
+            out[a:b] = torch.sigmoid(folded.head(x[a:b].t(), state[a - s : b - s], part)).numpy()
 
     workers = workers or score_workers()
     _run_chunks(project, pool_size, SEQ_CHUNK, workers)
