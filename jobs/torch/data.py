@@ -699,16 +699,19 @@ def build_history(target: FeatureFrame, history: FeatureFrame, k: int, pool: Fea
     gap = np.empty((m, k), dtype=np.float32)
 
     def fill(a: int, b: int) -> None:
-        prev_sorted = np.empty((b - a, k), dtype=np.int64)
-        gap_sorted = np.empty((b - a, k), dtype=np.float32)
+        prev_sorted = np.empty((k, b - a), dtype=np.int64)  # a row per step back: contiguous writes
+        gap_sorted = np.empty((k, b - a), dtype=np.float32)
         for back in range(1, k + 1):
             pos, ok = link_pos[back - 1, a:b], link_ok[back - 1, a:b]
             col = k - back  # oldest first: the newest previous row is the last column
-            np.copyto(prev_sorted[:, col], np.where(ok, np.take(compact, pos), -1))
-            np.copyto(gap_sorted[:, col], np.where(ok, (time_at[a:b] - np.take(sorted_time, pos)) / MICROS_PER_DAY, 0))
+            missing = ~ok
+            np.take(compact, pos, out=prev_sorted[col])
+            prev_sorted[col][missing] = -1
+            gap_sorted[col] = (time_at[a:b] - np.take(sorted_time, pos)) / MICROS_PER_DAY
+            gap_sorted[col][missing] = 0
         target_row = order[at[a:b]] - n_hist
-        prev[target_row] = prev_sorted  # each piece writes its own targets' rows
-        gap[target_row] = gap_sorted
+        prev[target_row] = prev_sorted.T  # each piece writes its own targets' rows
+        gap[target_row] = gap_sorted.T
 
     shared.run([lambda a=a, b=b: fill(a, b) for a, b in _spans(m, _SHARED_PIECES)])
     return CardHistory(prev=prev, gap_days=gap, pool_rows=pool_rows, source=pool.x)
