@@ -109,8 +109,9 @@ class _FoldedSequence:
     ``z = (derive(raw) - mean) / std`` and presence ``p`` (0 or 1), so its output is
     ``p * (W_z z + w_gap log1p(gap) + w_p) + b``, and ``W_z z = (W_z / std) derive(raw) - W_z (mean / std)``
     depends on the row alone. Each history row is projected once to those ``seq_hidden`` numbers
-    (8 by default, against the 25 scaled features the module would gather for every use of it);
-    per scored row only the gap and presence terms are added. The GRU runs as its gate equations
+    (8 by default, against the 25 scaled features the module would gather for every use of it),
+    with the presence weight (the mask multiplies both alike); per scored row only the gap term is
+    added and the mask applied. The GRU runs as its gate equations
     (:meth:`last_state`): for 8 hidden units ``nn.GRU`` spends more time dispatching than computing,
     about twice as long per row. The head's first layer takes the scored row's inputs with the
     scaler folded in the same way, its GRU state and its terminal rows as three products summed
@@ -123,9 +124,10 @@ class _FoldedSequence:
         t, model = scorer.transform, scorer.model
         step = model.step
         w = step.weight.detach()
-        self.raw_w, self.derived_w, self.bias = _fold_scaler(w[:, :N_DERIVED], torch.zeros(w.shape[0]), t.mean, t.std)
-        # as columns: they multiply the rows of a [H, n] layout
-        self.w_gap, self.w_present = w[:, N_DERIVED : N_DERIVED + 1].float(), w[:, N_DERIVED + 1 : N_DERIVED + 2].float()
+        # a previous row's projection carries the presence weight too: the presence mask multiplies
+        # both alike, so it is added once per pool row instead of once per use
+        self.raw_w, self.derived_w, self.bias = _fold_scaler(w[:, :N_DERIVED], w[:, N_DERIVED + 1], t.mean, t.std)
+        self.w_gap = w[:, N_DERIVED : N_DERIVED + 1].float()  # a column: it multiplies the rows of a [H, n] layout
         self.step_bias = step.bias.detach().float().view(-1, 1)
         gru = model.gru
         hid = gru.hidden_size
@@ -172,8 +174,8 @@ class _FoldedSequence:
         xs = gather_rows(projected, prev.t()).view(k * b, hid).t().contiguous()  # [H, k * B]
         present = (prev.t() >= 0).float().reshape(1, k * b)
         lg = torch.log1p(gap.t().clamp_min(0)).reshape(1, k * b)
-        xs.addcmul_(self.w_gap, lg).add_(self.w_present).mul_(present).add_(self.step_bias).relu_()
-        return xs.view(hid, k, b)
+        xs.addcmul_(self.w_gap, lg)
+        return torch.addcmul(self.step_bias, xs, present).relu_().view(hid, k, b)
 
     def last_state(self, xs: torch.Tensor) -> torch.Tensor:
         """``nn.GRU``'s last hidden state [B, H] over its inputs ``xs`` [H, k, B] (:meth:`steps`), from
