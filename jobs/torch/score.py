@@ -26,11 +26,14 @@ from jobs.common.config import settings
 from jobs.common.lake import Dataset, Lake
 from jobs.common.provenance import CHAMPION, InputRecorder, lineage
 from jobs.common.schema import ALERTS_SCHEMA, FEATURE_SCHEMA, MODEL_INPUTS, SCORES_SCHEMA
+from jobs.torch import keep_freed_memory
 from jobs.torch import registry as R
 from jobs.torch.checkpoint import Loaded, load_version
 from jobs.torch.data import model_history_days, read_for_model
 from jobs.torch.explain import METHOD, attribution_lists, integrated_gradients
 from jobs.torch.predict import predict, predict_columns, score_workers
+
+keep_freed_memory()  # a batch step: freed memory kept for its next allocation (jobs/torch/__init__.py)
 
 
 def alerts_table(scores: pa.Table, k: int, explain: Callable[[np.ndarray], list[list[dict]]] | None = None

@@ -36,6 +36,7 @@ from jobs.common.provenance import InputRecorder
 from jobs.common.provenance import lineage as provenance_lineage
 from jobs.common.schema import FEATURE_SCHEMA_VERSION, MODEL_INPUTS
 from jobs.monitoring import drift_reference
+from jobs.torch import keep_freed_memory
 from jobs.torch import metrics as M
 from jobs.torch import registry as R
 from jobs.torch.checkpoint import Loaded, checkpoint_bytes, export_bytes, load_version
@@ -44,6 +45,8 @@ from jobs.torch.evaluate import decide, fraud_labels
 from jobs.torch.fit import Dist, init_distributed, label_digest, pick_device, read_training_data, train_model
 from jobs.torch.model import STORED_SEQ_HIDDEN, ModelConfig
 from jobs.torch.predict import predict
+
+keep_freed_memory()  # a batch step: freed memory kept for its next allocation (jobs/torch/__init__.py)
 
 DEFAULT_HIDDEN = {"mlp": [500], "seq": [128]}  # mlp: the reference's layer; seq: chosen on validation folds
 
