@@ -34,11 +34,11 @@ def score_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def _derived_rows(cols: torch.Tensor) -> torch.Tensor:
+def _derived_rows(cols: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The 10 derived features [10, n] of inputs laid out a feature per row, ``cols`` [15, n]: log
     amount, log counts, log ratios of the amount to the averages (:func:`jobs.torch.model.derive`),
-    each computed along a row of ``cols``, with no [n, 25] gather and concatenation."""
-    d = torch.empty(N_DERIVED - len(MODEL_INPUTS), cols.shape[1])
+    each computed along a row of ``cols``, with no [n, 25] gather and concatenation (into ``out``)."""
+    d = torch.empty(N_DERIVED - len(MODEL_INPUTS), cols.shape[1]) if out is None else out
     torch.log1p(cols[_AMOUNT].clamp_min(0), out=d[0])
     torch.log1p(cols[_COUNTS].clamp_min(0), out=d[1 : 1 + len(_COUNTS)])
     ratio = d[1 + len(_COUNTS) :]
@@ -75,10 +75,8 @@ class _FoldedMLP:
     def __init__(self, scorer: Scorer):
         t = scorer.transform
         linears = [m for m in scorer.model.mlp.net if isinstance(m, nn.Linear)]
-        w0, b0 = linears[0].weight.double(), linears[0].bias.double()
-        mean, std = t.mean.double(), t.std.double()
-        w0f = w0 / std
-        self.layers = [((b0 - w0 @ (mean / std)).float(), w0f.t().contiguous().float())]
+        raw_w, derived_w, bias = _fold_scaler(linears[0].weight, linears[0].bias, t.mean, t.std)
+        self.layers = [(bias, torch.cat([raw_w, derived_w]))]
         self.layers += [(m.bias.detach().float().clone(), m.weight.detach().t().contiguous().float()) for m in linears[1:]]
 
     def __call__(self, cols: Sequence[np.ndarray], start: int, stop: int, out: np.ndarray) -> None:
@@ -87,12 +85,7 @@ class _FoldedMLP:
         dn = d.numpy()
         for j, c in enumerate(cols):
             dn[j] = c[start:stop]  # casts int / float64 columns to float32 in the copy
-        d15 = d[len(MODEL_INPUTS) :]
-        torch.log1p(d[_AMOUNT].clamp_min(0), out=d15[0])
-        torch.log1p(d[_COUNTS].clamp_min(0), out=d15[1 : 1 + len(_COUNTS)])
-        ratio = d15[1 + len(_COUNTS) :]
-        torch.log1p(d[_AVERAGES].clamp_min(0), out=ratio)
-        torch.sub(d15[0:1], ratio, out=ratio)
+        _derived_rows(d[: len(MODEL_INPUTS)], out=d[len(MODEL_INPUTS) :])
         h = d.t()
         last = len(self.layers) - 1
         for i, (b, w) in enumerate(self.layers):
