@@ -132,14 +132,12 @@ class SeaweedFS:
         self.data.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
         self.started = False
+        self.info = {"access_key": access_key, "secret_key": secret_key}
         self._choose_ports()
-        self.info = {"endpoint_url": f"http://127.0.0.1:{self.ports['s3']}", "access_key": access_key,
-                     "secret_key": secret_key}
 
     def _choose_ports(self) -> None:
         self.ports = weed_ports(WEED_SERVICES)
-        if hasattr(self, "info"):
-            self.info["endpoint_url"] = f"http://127.0.0.1:{self.ports['s3']}"
+        self.info["endpoint_url"] = f"http://127.0.0.1:{self.ports['s3']}"
 
     def start(self, timeout: float = 60.0, tries: int = 3) -> dict:
         """Start the server; return ``{"endpoint_url", "access_key", "secret_key"}`` once it serves
@@ -182,11 +180,14 @@ class SeaweedFS:
         self.started = True
         return self.info
 
-    def client(self):
+    def client(self, attempts: int | None = None):
+        """A boto3 S3 client of this server's identity; ``attempts``: boto's tries per call (its default if None)."""
         import boto3
+        import botocore.config
 
+        config = botocore.config.Config(retries={"max_attempts": attempts}) if attempts else None
         return boto3.client("s3", endpoint_url=self.info["endpoint_url"], aws_access_key_id=self.info["access_key"],
-                            aws_secret_access_key=self.info["secret_key"], region_name="us-east-1")
+                            aws_secret_access_key=self.info["secret_key"], region_name="us-east-1", config=config)
 
     def _wait_until_it_serves(self, deadline: float) -> None:
         client = self.client()

@@ -102,8 +102,6 @@ def test_seaweedfs_volume_count_bounds_its_buckets_and_the_tests_server_has_room
     import json
     import urllib.request
 
-    import boto3
-    import botocore.config
     import botocore.exceptions
     from conftest import TEST_MAX_VOLUMES, WeedServer
     from local_services import SeaweedFS
@@ -111,9 +109,7 @@ def test_seaweedfs_volume_count_bounds_its_buckets_and_the_tests_server_has_room
     small = SeaweedFS(tmp_path / "small", access_key="k" * 8, secret_key="s" * 16, max_volumes=2)
     small.start()
     try:
-        client = boto3.client("s3", endpoint_url=small.info["endpoint_url"], aws_access_key_id="k" * 8,
-                              aws_secret_access_key="s" * 16, region_name="us-east-1",
-                              config=botocore.config.Config(retries={"max_attempts": 1}))
+        client = small.client(attempts=1)  # the refusal at once, not after boto's retries
         for bucket in ("one", "two", "three"):
             client.create_bucket(Bucket=bucket)
         for bucket in ("one", "two"):
