@@ -30,14 +30,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     AIRFLOW__CORE__DAGS_FOLDER=/opt/fraud/dags \
     AIRFLOW__CORE__PLUGINS_FOLDER=/opt/fraud/plugins \
     AIRFLOW__CORE__LOAD_EXAMPLES=False \
-    AIRFLOW__CORE__LAZY_LOAD_PLUGINS=False
+    AIRFLOW__CORE__LAZY_LOAD_PLUGINS=False \
+    NUMBA_CACHE_DIR=/opt/numba-cache
 # tini reaps the children of Airflow and Spark; curl answers the healthchecks.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends tini procps curl ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid "${AIRFLOW_UID}" --gid 0 --create-home airflow \
-    && mkdir -p "${AIRFLOW_HOME}" /data \
-    && chown -R "${AIRFLOW_UID}:0" "${AIRFLOW_HOME}" /data
+    && mkdir -p "${AIRFLOW_HOME}" /data "${NUMBA_CACHE_DIR}" \
+    && chown -R "${AIRFLOW_UID}:0" "${AIRFLOW_HOME}" /data "${NUMBA_CACHE_DIR}"
 WORKDIR /opt/fraud
 ENTRYPOINT ["/usr/bin/tini", "--"]
 
@@ -67,6 +68,8 @@ COPY dags ./dags
 COPY plugins ./plugins
 COPY deploy ./deploy
 USER airflow
+# the sequence model's history loops compiled once here, into NUMBA_CACHE_DIR: the steps load them
+RUN python -c "from jobs.torch.data import compile_history_loops; compile_history_loops()"
 CMD ["airflow", "version"]
 
 FROM base AS trainer
@@ -81,4 +84,6 @@ COPY jobs ./jobs
 COPY dags ./dags
 COPY plugins ./plugins
 USER airflow
+# the sequence model's history loops compiled once here, into NUMBA_CACHE_DIR: the steps load them
+RUN python -c "from jobs.torch.data import compile_history_loops; compile_history_loops()"
 CMD ["python", "-c", "import torch; print('cuda', torch.cuda.is_available())"]

@@ -492,6 +492,25 @@ def test_history_rows_older_than_a_cards_last_k_are_not_sorted_and_the_history_i
     assert (source < len(history)).any() and (source >= len(history)).any()  # history and same-day rows
 
 
+def test_the_history_loops_compiled_ahead_are_the_ones_a_lake_read_runs(lake):
+    """``compile_history_loops`` (run by the image build) compiles each of the history's loops for
+    exactly the array types that scoring from the lake passes them: reading a day's history then
+    compiles nothing more, and gives the history the loops compute."""
+    from jobs.torch import kernels
+
+    loops = [kernels.keep_last_k_per_key, kernels.mark_looked_at, kernels.ranks_of_kept, kernels.link_previous,
+             kernels.terminal_steps]
+    D.compile_history_loops()
+    compiled = [list(loop.signatures) for loop in loops]
+    assert all(len(c) == 1 for c in compiled), compiled
+    publish(lake, days=16, rows=300)
+    target_day = FIRST + timedelta(days=15)
+    cfg = ModelConfig(kind="seq", seq_len=5, lookback_days=7, terminal_len=5, terminal_lookback_days=14)
+    frame, history = read_for_model(lake, [target_day], cfg, CAL)
+    assert [list(loop.signatures) for loop in loops] == compiled
+    assert (history.prev >= 0).any() and history.terminal[..., 4].any()
+
+
 def test_card_history_links_each_target_to_the_previous_rows_of_its_card_and_keeps_only_those():
     """Against a direct search: a target's previous rows are the last k rows of its card ordered by
     (time, transaction id) before it, history and target rows alike; the pool holds exactly the rows

@@ -36,6 +36,7 @@ from jobs.common.schema import (
     REPORTED_AT,
     customer_avg_amount,
 )
+from jobs.torch import kernels
 
 ID_READ = ("TRANSACTION_ID", "CUSTOMER_ID", "TERMINAL_ID", "TX_DATETIME")
 
@@ -491,15 +492,18 @@ def history_rows_that_count(card: np.ndarray, time_us: np.ndarray, wanted: np.nd
     first, last = int(day.min()), int(day.max())
     if last - first > 366:
         return None
-    slot = table.slot(card)
-    keep = np.take(table.table, slot)  # the targets' cards
-    later = np.zeros(len(table.table), dtype=np.int32)  # rows of each card on the days after the one at hand
-    in_day_order = bool((day[1:] >= day[:-1]).all())  # as read_frame lays them out: each day one slice
-    for d in range(min(last, first_day - 1), first - 1, -1):
-        rows = slice(*np.searchsorted(day, [d, d + 1])) if in_day_order else np.flatnonzero(day == d)
-        on_day = slot[rows]
-        keep[rows] &= later[on_day] < k
-        later += np.bincount(on_day, minlength=len(later)).astype(np.int32)
+    # the rows on or after the first target's day, then each day before it, newest first
+    counted = np.r_[first_day, np.arange(min(last, first_day - 1), first - 1, -1)]
+    if bool((day[1:] >= day[:-1]).all()):  # as read_frame lays them out: each day one slice
+        rows, in_order = np.zeros(0, np.int64), day
+    else:
+        rows = np.argsort(day, kind="stable")
+        in_order = day[rows]
+    starts = np.searchsorted(in_order, counted)
+    ends = np.r_[len(card), np.searchsorted(in_order, counted[1:] + 1)]
+    seen = np.where(table.table, 0, k).astype(np.uint8 if k < 255 else np.int64)  # k and over: not wanted
+    keep = np.empty(len(card), dtype=bool)
+    kernels.keep_last_k_per_key(card, table.low, seen, rows, starts, ends, 1, k, keep)
     rows = np.flatnonzero(keep)
     return rows if len(rows) < 0.8 * len(card) else None
 
@@ -662,58 +666,19 @@ def build_history(target: FeatureFrame, history: FeatureFrame, k: int, pool: Fea
         rows = np.r_[rows, np.arange(n_hist, len(pool))]
         by = order_by_key_time(pool.card[rows], pool.time_us[rows], pool.txid[rows])
         order = rows[by.order]  # pool row numbers, in (card, time, id) order
-    sorted_card, sorted_time = by.key, by.time
     at = np.flatnonzero(order >= n_hist)  # the sorted positions holding target rows, ascending
-    # the links are made in sorted order, where a target's previous rows sit just before it (reads
-    # that walk the arrays forwards, not a cache miss per target and step), then moved to the
-    # targets' own order in one scatter of whole rows
-    card_at, time_at = sorted_card[at], sorted_time[at]
-    m = len(at)
-    link_pos = np.empty((k, m), dtype=np.int64)  # per step back, the sorted position looked at
-    link_ok = np.empty((k, m), dtype=bool)  # and whether it holds a row of the target's card
-    looked_at = np.zeros(len(order), dtype=bool)  # sorted positions some target looks back at
-
-    def link(a: int, b: int) -> None:
-        for back in range(1, k + 1):
-            pos, ok = link_pos[back - 1, a:b], link_ok[back - 1, a:b]
-            np.subtract(at[a:b], back, out=pos)
-            np.greater_equal(pos, 0, out=ok)
-            pos[~ok] = 0
-            ok &= np.take(sorted_card, pos) == card_at[a:b]
-            looked_at[pos[ok]] = True  # every piece writes only True: the order of the writes does not matter
-
-    shared.run([lambda a=a, b=b: link(a, b) for a, b in _spans(m, _SHARED_PIECES)])
-    # the pool keeps just those rows (about 4 in 10 of a week's rows at one row a card a day), in
-    # their order as read, which the scorer's gathers walk forwards; ``compact``: each sorted
-    # position's pool row
-    looked_at_rows = order[np.flatnonzero(looked_at)]
+    # a target's previous rows sit just before it in the sorted order (a walk over neighbours, in
+    # cache); the pool keeps just the rows some target looks back at (about 4 in 10 of a week's rows
+    # at one row a card a day), in their order as read, which the scorer's gathers walk forwards
+    pieces = _spans(len(at), _SHARED_PIECES)
     kept = np.zeros(len(pool), dtype=bool)
-    kept[looked_at_rows] = True
+    shared.run([lambda a=a, b=b: kernels.mark_looked_at(order, by.key, at, a, b, k, kept) for a, b in pieces])
+    rank = kernels.ranks_of_kept(kept)
     pool_rows = np.flatnonzero(kept)
-    rank = np.cumsum(kept, dtype=np.int64)
-    rank -= 1
-    compact = np.zeros(len(order), dtype=np.int64)
-    compact[looked_at] = np.take(rank, looked_at_rows)
-    del kept, rank, looked_at_rows
-    prev = np.empty((m, k), dtype=np.int64)
-    gap = np.empty((m, k), dtype=np.float32)
-
-    def fill(a: int, b: int) -> None:
-        prev_sorted = np.empty((k, b - a), dtype=np.int64)  # a row per step back: contiguous writes
-        gap_sorted = np.empty((k, b - a), dtype=np.float32)
-        for back in range(1, k + 1):
-            pos, ok = link_pos[back - 1, a:b], link_ok[back - 1, a:b]
-            col = k - back  # oldest first: the newest previous row is the last column
-            missing = ~ok
-            np.take(compact, pos, out=prev_sorted[col])
-            prev_sorted[col][missing] = -1
-            gap_sorted[col] = (time_at[a:b] - np.take(sorted_time, pos)) / MICROS_PER_DAY
-            gap_sorted[col][missing] = 0
-        target_row = order[at[a:b]] - n_hist
-        prev[target_row] = prev_sorted.T  # each piece writes its own targets' rows
-        gap[target_row] = gap_sorted.T
-
-    shared.run([lambda a=a, b=b: fill(a, b) for a, b in _spans(m, _SHARED_PIECES)])
+    prev = np.empty((len(at), k), dtype=np.int64)
+    gap = np.empty((len(at), k), dtype=np.float32)
+    shared.run([lambda a=a, b=b: kernels.link_previous(order, by.key, by.time, at, a, b, n_hist, rank, prev, gap)
+                for a, b in pieces])  # each piece writes its own targets' rows
     return CardHistory(prev=prev, gap_days=gap, pool_rows=pool_rows, source=pool.x)
 
 
@@ -800,22 +765,36 @@ def build_terminal_history(target: FeatureFrame, pool: TerminalRows | Sequence[T
     out = np.zeros((m, k, TERMINAL_STEP), dtype=np.float32)
     if not len(pool.terminal):  # no terminal row at all: every slot stays empty
         return out
-    for back in range(1, k + 1):
-        pos = upto - back
-        ok = pos >= 0
-        pos[~ok] = 0
-        ok &= np.take(sorted_terminal, pos) == target.terminal
-        hit = np.flatnonzero(ok)
-        row = np.take(order, pos[hit])
-        at = np.take(target.time_us, hit)
-        step = np.empty((len(hit), TERMINAL_STEP), dtype=np.float32)  # written whole into out: one pass
-        np.take(shows, row, axis=0, out=step[:, :3])
-        later = np.flatnonzero(~np.take(final, row))
-        step[later, 0] = events.as_of(pool.txid[row[later]], at[later])
-        step[:, 3] = np.log1p((at - np.take(pool.time_us, row)) / MICROS_PER_DAY) / 3
-        step[:, 4] = 1
-        out[hit, k - back] = step
+    age = np.zeros((m, k))  # days, float64 until the log below
+    later_at, later_row = np.empty(m * k, dtype=np.int64), np.empty(m * k, dtype=np.int64)
+    n_later = kernels.terminal_steps(order, sorted_terminal, upto, target.terminal, target.time_us, pool.time_us,
+                                     shows, final, out, age, later_at, later_row)
+    later_at, later_row = later_at[:n_later], later_row[:n_later]
+    label_now = out.reshape(m * k, TERMINAL_STEP)[:, 0]  # a view: labels looked up again at each target's time
+    label_now[later_at] = events.as_of(pool.txid[later_row], target.time_us[later_at // k])
+    out[:, :, 3] = np.log1p(age) / 3  # 0 where there is no row
     return out
+
+
+def compile_history_loops() -> None:
+    """Compile the history's loops (:mod:`jobs.torch.kernels`) for the array types the lake path
+    passes them, or load them from numba's cache: the history of a tiny frame laid out as
+    :func:`read_frame` lays one out. An image build runs this once, so its steps find them compiled."""
+    days, per_day = 3, 40
+    rng = np.random.default_rng(0)
+    frame = FeatureFrame.empty(days * per_day, by_column=True)
+    frame.x[:] = 1
+    frame.label[:] = rng.integers(0, 2, len(frame))
+    frame.card[:] = rng.integers(0, 10, len(frame))
+    frame.time_us[:] = np.repeat(np.arange(days), per_day) * MICROS_PER_DAY + rng.integers(0, MICROS_PER_DAY, len(frame))
+    frame.txid[:] = np.arange(len(frame))
+    frame.terminal[:] = rng.integers(0, 10, len(frame))
+    n_hist = (days - 1) * per_day
+    target = frame.rows(n_hist, len(frame))
+    build_history(target, frame.rows(0, n_hist), 2, pool=frame)
+    events = LabelEvents(frame.txid.copy(), frame.time_us + MICROS_PER_DAY, frame.label.copy())
+    parts = [TerminalRows.of_frame(frame.rows(a, a + per_day)) for a in range(0, len(frame), per_day)]
+    build_terminal_history(target, parts, 2, 1, events)
 
 
 def model_history_days(lookback_days: int, terminal_len: int, terminal_lookback_days: int) -> int:

@@ -1,0 +1,126 @@
+"""The sequence model's history loops, compiled (numba): one pass where numpy needs many.
+
+Linking a transaction to its card's previous rows walks a few neighbours of each target in an
+array sorted by (card, time, id). Written with numpy, every step back is a handful of full-length
+array passes (a gather, a compare, a mask, a scatter), each of them a trip through memory; here
+each target's neighbours are visited once, in cache. The callers (:mod:`jobs.torch.data`) keep
+the sorts, the lookup tables and the documentation of what the arrays mean; these functions only
+loop. All of them release the GIL (``nogil``), so the history's pieces still run on two threads
+side by side, and the compiled code is cached on disk (``cache``; ``NUMBA_CACHE_DIR`` where the
+source folder is read-only), so a later process loads it instead of compiling again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_COMPILE = {"nogil": True, "cache": True}
+MICROS_PER_DAY_F = 86_400_000_000.0  # float: the gap in days is a float64 division, as numpy's
+
+
+@njit(**_COMPILE)
+def keep_last_k_per_key(key: np.ndarray, low: int, seen: np.ndarray, rows: np.ndarray, starts: np.ndarray,
+                        ends: np.ndarray, uncounted: int, k: int, keep: np.ndarray) -> None:
+    """``keep[i]``: row i's key is wanted and fewer than ``k`` rows of that key lie on later days.
+
+    ``seen[key - low]`` starts at 0 for a wanted key and at ``k`` or more for any other (a lookup
+    table, small enough to stay in cache: a byte a key), and counts the key's rows on the days
+    passed, up to ``k``. The days are given newest first, day j's rows as ``rows[starts[j]:ends[j]]``
+    (with ``rows`` empty: rows ``starts[j] .. ends[j] - 1`` themselves); the first ``uncounted`` of
+    them are only checked, and count for no other row.
+    """
+    direct = len(rows) == 0
+    for j in range(len(starts)):
+        for r in range(starts[j], ends[j]):
+            i = r if direct else rows[r]
+            keep[i] = seen[key[i] - low] < k
+        if j < uncounted:
+            continue
+        for r in range(starts[j], ends[j]):
+            slot = key[(r if direct else rows[r])] - low
+            if seen[slot] < k:
+                seen[slot] += 1
+
+
+@njit(**_COMPILE)
+def mark_looked_at(order: np.ndarray, sorted_key: np.ndarray, at: np.ndarray, a: int, b: int, k: int,
+                   kept: np.ndarray) -> None:
+    """For targets ``at[a:b]`` (sorted positions): mark ``kept[order[q]]`` for each of the up to ``k``
+    positions q just before the target that hold its key (a key's rows are one run of the order)."""
+    for j in range(a, b):
+        p = at[j]
+        key = sorted_key[p]
+        for back in range(1, k + 1):
+            q = p - back
+            if q < 0 or sorted_key[q] != key:
+                break
+            kept[order[q]] = True
+
+
+@njit(**_COMPILE)
+def ranks_of_kept(kept: np.ndarray) -> np.ndarray:
+    """Each row's rank among the kept rows: how many rows before it are kept."""
+    rank = np.empty(len(kept), dtype=np.int64)
+    n = 0
+    for i in range(len(kept)):
+        rank[i] = n
+        if kept[i]:
+            n += 1
+    return rank
+
+
+@njit(**_COMPILE)
+def link_previous(order: np.ndarray, sorted_key: np.ndarray, sorted_time: np.ndarray, at: np.ndarray, a: int,
+                  b: int, first_target: int, rank: np.ndarray, prev: np.ndarray, gap: np.ndarray) -> None:
+    """For targets ``at[a:b]``: ``prev[t, k - back]``, the pool row (``rank`` of the row) ``back``
+    positions before target row t (``order[at[j]] - first_target``) when it holds t's key, else -1,
+    and ``gap[t, k - back]`` the time between the two in days (0 where there is none)."""
+    k = prev.shape[1]
+    for j in range(a, b):
+        p = at[j]
+        key = sorted_key[p]
+        t = order[p] - first_target
+        back = 1
+        while back <= k:
+            q = p - back
+            if q < 0 or sorted_key[q] != key:
+                break
+            prev[t, k - back] = rank[order[q]]
+            gap[t, k - back] = (sorted_time[p] - sorted_time[q]) / MICROS_PER_DAY_F
+            back += 1
+        while back <= k:
+            prev[t, k - back] = -1
+            gap[t, k - back] = 0
+            back += 1
+
+
+@njit(**_COMPILE)
+def terminal_steps(order: np.ndarray, sorted_key: np.ndarray, upto: np.ndarray, key: np.ndarray,
+                   time: np.ndarray, row_time: np.ndarray, shows: np.ndarray, final: np.ndarray, out: np.ndarray,
+                   age: np.ndarray, later_at: np.ndarray, later_row: np.ndarray) -> int:
+    """Per target i, its key's last ``k`` sorted rows before position ``upto[i]`` (``k = out.shape[1]``),
+    oldest first: ``out[i, k - back, :3]`` the row's ``shows`` and ``out[i, k - back, 4]`` 1 (present);
+    ``age[i, k - back]`` the row's age at ``time[i]`` in days (0 where there is no row). Rows whose
+    ``final`` is False are listed in ``later_at`` (the flat index ``i * k + k - back``) and
+    ``later_row``, for their labels to be looked up at each target's own time; returns how many."""
+    k = out.shape[1]
+    n_later = 0
+    for i in range(len(upto)):
+        p = upto[i]
+        for back in range(1, k + 1):
+            q = p - back
+            if q < 0 or sorted_key[q] != key[i]:
+                break
+            row = order[q]
+            col = k - back
+            out[i, col, 0] = shows[row, 0]
+            out[i, col, 1] = shows[row, 1]
+            out[i, col, 2] = shows[row, 2]
+            out[i, col, 4] = 1
+            age[i, col] = (time[i] - row_time[row]) / MICROS_PER_DAY_F
+            if not final[row]:
+                later_at[n_later] = i * k + col
+                later_row[n_later] = row
+                n_later += 1
+    return n_later
