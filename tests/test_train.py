@@ -493,22 +493,24 @@ def test_history_rows_older_than_a_cards_last_k_are_not_sorted_and_the_history_i
 
 
 def test_the_history_loops_compiled_ahead_are_the_ones_a_lake_read_runs(lake):
-    """``compile_history_loops`` (run by the image build) compiles each of the history's loops for
-    exactly the array types that scoring from the lake passes them: reading a day's history then
-    compiles nothing more, and gives the history the loops compute."""
+    """``compile_history_loops`` (run by the image build) compiles every one of the history's loops
+    for the array types that scoring and training from the lake pass them: reading a day's history
+    and a training window's afterwards compiles nothing more."""
     from jobs.torch import kernels
 
-    loops = [kernels.keep_last_k_per_key, kernels.mark_looked_at, kernels.ranks_of_kept, kernels.link_previous,
-             kernels.terminal_steps]
+    loops = {name: loop for name, loop in vars(kernels).items() if hasattr(loop, "signatures")}
+    assert len(loops) >= 8
     D.compile_history_loops()
-    compiled = [list(loop.signatures) for loop in loops]
-    assert all(len(c) == 1 for c in compiled), compiled
+    compiled = {name: list(loop.signatures) for name, loop in loops.items()}
+    assert all(compiled.values()), compiled
     publish(lake, days=16, rows=300)
-    target_day = FIRST + timedelta(days=15)
-    cfg = ModelConfig(kind="seq", seq_len=5, lookback_days=7, terminal_len=5, terminal_lookback_days=14)
-    frame, history = read_for_model(lake, [target_day], cfg, CAL)
-    assert [list(loop.signatures) for loop in loops] == compiled
+    cfg = ModelConfig(kind="seq", seq_len=5, lookback_days=7, terminal_len=5, terminal_lookback_days=14,
+                      label_delay_days=7)
+    frame, history = read_for_model(lake, [FIRST + timedelta(days=15)], cfg, CAL)
     assert (history.prev >= 0).any() and history.terminal[..., 4].any()
+    days = [FIRST + timedelta(days=i) for i in range(9, 15)]
+    read_for_model(lake, days, cfg, CAL, labels_as_of=days[-1] + timedelta(days=1))
+    assert {name: list(loop.signatures) for name, loop in loops.items()} == compiled
 
 
 def test_card_history_links_each_target_to_the_previous_rows_of_its_card_and_keeps_only_those():

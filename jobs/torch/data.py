@@ -19,6 +19,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import date, timedelta
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -231,8 +232,9 @@ class LabelEvents:
         tied = ids[1:] == ids[:-1]
         self._one_each = not tied.any()
         if order is None:
-            if self._one_each:  # in order already: the arrays themselves, no copy
-                return ids, self.reported_us, self.label
+            if self._one_each:  # in order already: the arrays themselves, no copy (unless read-only:
+                # the compiled look-up takes one array flavour)
+                return tuple(np.require(a, requirements=["C", "W"]) for a in (ids, self.reported_us, self.label))
             order = np.arange(len(ids))
         sort_tied_runs(order, tied, self.label, self.reported_us, self.txid)
         return ids, self.reported_us[order], self.label[order]
@@ -245,32 +247,22 @@ class LabelEvents:
     def as_of_and_final(self, txids: np.ndarray, at_us: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`as_of`, and per query whether no event of its transaction is reported after ``at_us``
         (the answer is then the same at every later time)."""
-        txids = np.asarray(txids, dtype=np.int64)
-        at = np.broadcast_to(np.asarray(at_us, dtype=np.int64), txids.shape)
+        txids = np.require(txids, np.int64, ["C", "W"])  # one array flavour for the compiled loop
+        at = np.array(np.broadcast_to(np.asarray(at_us, dtype=np.int64), txids.shape))
         out = np.zeros(len(txids), np.int8)
         if len(self.txid) == 0 or len(txids) == 0:
             return out, np.ones(len(txids), dtype=bool)
         ids, reported, labels = self._index
-        if self._one_each:  # at most one event an id: one search, the end is one past a match
-            (first,) = search_bounds(ids, txids, ("left",))
-            hi = first.copy()
-            inside = np.flatnonzero(first < len(ids))
-            hi[inside] += np.take(ids, first[inside]) == txids[inside]
-        else:
-            first, hi = search_bounds(ids, txids)  # the query's events are first .. hi - 1
-        end = hi.copy()
-        lo = first.copy()
-        active = np.flatnonzero(lo < hi)
-        while active.size:  # per query, a binary search for the first of its events reported after at
-            mid = (lo[active] + hi[active]) // 2
-            known = reported[mid] <= at[active]
-            lo[active[known]] = mid[known] + 1
-            hi[active[~known]] = mid[~known]
-            active = active[lo[active] < hi[active]]
-        latest = lo - 1  # the last event reported at or before at (a fraud after a clearance at one instant)
-        hit = latest >= first
-        out[hit] = labels[latest[hit]]
-        return out, lo == end
+        final = np.empty(len(txids), dtype=bool)
+        if len(txids) < 2 or bool((txids[1:] >= txids[:-1]).all()):  # ascending (ids read day by day): as they are
+            kernels.labels_as_of(ids, reported, labels, txids, at, out, final)
+            return out, final
+        # in random order every search would miss the cache: sorted first, each then starts near the last
+        order = np.argsort(txids, kind="stable")
+        got, got_final = np.empty_like(out), np.empty_like(final)
+        kernels.labels_as_of(ids, reported, labels, txids[order], at[order], got, got_final)
+        out[order], final[order] = got, got_final
+        return out, final
 
 
 def start_of_us(day: date) -> int:
@@ -717,6 +709,26 @@ class TerminalRows:
         return TerminalRows(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(TerminalRows)))
 
 
+def _terminal_rows_in(parts: Sequence[TerminalRows], wanted: WantedKeys | None, bound: int) -> TerminalRows:
+    """The rows of ``parts`` at or before ``bound`` with a ``wanted`` terminal (any terminal without
+    a table), joined in part order: a pass marking each part's rows, one copying them."""
+    keeps = []
+    table, low = (wanted.table, wanted.low) if wanted is not None else (np.zeros(0, dtype=bool), 0)
+    for p in parts:
+        keep = np.empty(len(p.terminal), dtype=bool)
+        keeps.append((keep, kernels.mark_rows_in(p.terminal, p.time_us, table, low, bound, keep)))
+    n = sum(count for _, count in keeps)
+    out = TerminalRows(np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64),
+                       np.empty(n, np.result_type(*(p.amount for p in parts))),
+                       np.empty(n, np.result_type(*(p.avg30 for p in parts))))
+    start = 0
+    for p, (keep, count) in zip(parts, keeps, strict=True):
+        kernels.copy_kept_rows(keep, p.terminal, p.time_us, p.txid, p.amount, p.avg30,
+                               out.terminal, out.time_us, out.txid, out.amount, out.avg30, start)
+        start += count
+    return out
+
+
 def build_terminal_history(target: FeatureFrame, pool: TerminalRows | Sequence[TerminalRows], k: int,
                            delay_days: int, events: LabelEvents) -> np.ndarray:
     """Per target row, its terminal's last ``k`` pool rows with time <= t - delay, oldest first, each
@@ -733,22 +745,16 @@ def build_terminal_history(target: FeatureFrame, pool: TerminalRows | Sequence[T
     parts = filled or parts[:1]
     if len(target) and filled:
         # rows younger than every bound, and rows of terminals no target has, are never looked up:
-        # dropped from each part, before the one copy that joins what is left (a part, such as a
-        # day, wholly younger is dropped whole, and one wholly older keeps its rows without a look
-        # at their times)
-        bound = cut.max()
-        older = [(p, int(p.time_us.max()) <= bound) for p in parts if int(p.time_us.min()) <= bound]
-        if not older:  # every row younger than every bound: none is ever shown
-            parts = [parts[0].take(np.zeros(0, np.int64))]
-        else:
-            wanted = wanted_keys(target.terminal, *(p.terminal for p, _ in older))
-            parts = []
-            for p, all_in_bound in older:
-                keep = None if all_in_bound else p.time_us <= bound
-                if wanted is not None:
-                    keep = wanted.among(p.terminal) if keep is None else keep & wanted.among(p.terminal)
-                parts.append(p if keep is None or keep.all() else p.take(np.flatnonzero(keep)))
-    pool = parts[0] if len(parts) == 1 else TerminalRows.concat(parts)
+        # dropped from each part as the parts are joined, in one pass each (a part wholly younger
+        # is dropped whole)
+        bound = int(cut.max())
+        older = [p for p in parts if int(p.time_us.min()) <= bound]
+        if older:
+            pool = _terminal_rows_in(older, wanted_keys(target.terminal, *(p.terminal for p in older)), bound)
+        else:  # every row younger than every bound: none is ever shown
+            pool = parts[0].take(np.zeros(0, np.int64))
+    else:
+        pool = parts[0] if len(parts) == 1 else TerminalRows.concat(parts)
     m = len(target)
     by = order_by_key_time(pool.terminal, pool.time_us, pool.txid)
     order, sorted_terminal = by.order, by.key
@@ -778,23 +784,27 @@ def build_terminal_history(target: FeatureFrame, pool: TerminalRows | Sequence[T
 
 def compile_history_loops() -> None:
     """Compile the history's loops (:mod:`jobs.torch.kernels`) for the array types the lake path
-    passes them, or load them from numba's cache: the history of a tiny frame laid out as
-    :func:`read_frame` lays one out. An image build runs this once, so its steps find them compiled."""
-    days, per_day = 3, 40
-    rng = np.random.default_rng(0)
-    frame = FeatureFrame.empty(days * per_day, by_column=True)
-    frame.x[:] = 1
-    frame.label[:] = rng.integers(0, 2, len(frame))
-    frame.card[:] = rng.integers(0, 10, len(frame))
-    frame.time_us[:] = np.repeat(np.arange(days), per_day) * MICROS_PER_DAY + rng.integers(0, MICROS_PER_DAY, len(frame))
-    frame.txid[:] = np.arange(len(frame))
-    frame.terminal[:] = rng.integers(0, 10, len(frame))
-    n_hist = (days - 1) * per_day
-    target = frame.rows(n_hist, len(frame))
-    build_history(target, frame.rows(0, n_hist), 2, pool=frame)
-    events = LabelEvents(frame.txid.copy(), frame.time_us + MICROS_PER_DAY, frame.label.copy())
-    parts = [TerminalRows.of_frame(frame.rows(a, a + per_day)) for a in range(0, len(frame), per_day)]
-    build_terminal_history(target, parts, 2, 1, events)
+    passes them, or load them from numba's cache: a scoring read and a training read (targets with
+    labels) of a tiny synthetic lake in a temporary folder, one day early enough that only the
+    frame's own days hold terminal rows. An image build runs this once, so its steps find every loop
+    compiled."""
+    import tempfile
+
+    from jobs.torch.model import ModelConfig
+    from jobs.torch.synthetic import publish_synthetic, synthetic_features
+
+    first = date(2018, 4, 1)
+    days = [first + timedelta(days=i) for i in range(16)]
+    cfg = ModelConfig(kind="seq", seq_len=5, lookback_days=7, terminal_len=5, terminal_lookback_days=14,
+                      label_delay_days=7)
+    with tempfile.TemporaryDirectory() as tmp:
+        lake = Lake.from_uri(Path(tmp).as_uri())
+        for i, day in enumerate(days):
+            publish_synthetic(lake, day, synthetic_features(day, 200, seed=i, cards=40))
+        cal = Calendar(first)
+        read_for_model(lake, days[-1:], cfg, cal)
+        read_for_model(lake, days[-3:], cfg, cal, labels_as_of=days[-1] + ONE_DAY)
+        read_for_model(lake, days[8:9], cfg, cal)
 
 
 def model_history_days(lookback_days: int, terminal_len: int, terminal_lookback_days: int) -> int:

@@ -124,3 +124,73 @@ def terminal_steps(order: np.ndarray, sorted_key: np.ndarray, upto: np.ndarray, 
                 later_row[n_later] = row
                 n_later += 1
     return n_later
+
+
+@njit(**_COMPILE)
+def labels_as_of(ids: np.ndarray, reported: np.ndarray, labels: np.ndarray, txids: np.ndarray, at: np.ndarray,
+                 out: np.ndarray, final: np.ndarray) -> None:
+    """Per query j: ``out[j]``, the label of the last event of transaction ``txids[j]`` reported at or
+    before ``at[j]`` (0 if none), and ``final[j]``, whether none of its events is reported later.
+
+    The events are ordered by (id, reported time, label), so at one instant a fraud report comes
+    after a clearance and wins. Queries in ascending order (the callers sort them) each start from
+    the previous one's place with a galloping search: a walk forwards through the events.
+    """
+    n = len(ids)
+    pos = 0
+    last = np.iinfo(np.int64).min
+    for j in range(len(txids)):
+        q = txids[j]
+        if q >= last:  # from the previous answer: steps of 1, 2, 4, ... then a binary search
+            lo, step = pos, 1
+            hi = lo
+            while hi < n and ids[hi] < q:
+                lo = hi + 1
+                hi = lo + step
+                step *= 2
+            hi = min(hi, n)
+        else:
+            lo, hi = 0, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ids[mid] < q:
+                lo = mid + 1
+            else:
+                hi = mid
+        pos, last = lo, q
+        i, latest = lo, -1
+        while i < n and ids[i] == q and reported[i] <= at[j]:
+            latest = i
+            i += 1
+        out[j] = labels[latest] if latest >= 0 else 0
+        final[j] = not (i < n and ids[i] == q)
+
+
+@njit(**_COMPILE)
+def mark_rows_in(terminal: np.ndarray, time: np.ndarray, wanted: np.ndarray, low: int, bound: int,
+                 keep: np.ndarray) -> int:
+    """``keep[i]``: row i is at or before ``bound`` and its terminal is wanted (``wanted[terminal -
+    low]``, a lookup table; an empty table wants every terminal). Returns how many are kept."""
+    every = len(wanted) == 0
+    n = 0
+    for i in range(len(terminal)):
+        keep[i] = time[i] <= bound and (every or wanted[terminal[i] - low])
+        n += keep[i]
+    return n
+
+
+@njit(**_COMPILE)
+def copy_kept_rows(keep: np.ndarray, terminal: np.ndarray, time: np.ndarray, txid: np.ndarray,
+                   amount: np.ndarray, avg30: np.ndarray, out_terminal: np.ndarray, out_time: np.ndarray,
+                   out_txid: np.ndarray, out_amount: np.ndarray, out_avg30: np.ndarray, start: int) -> None:
+    """Append the kept rows (``keep``) of a part's five terminal-history columns to the outputs, from
+    position ``start``."""
+    n = start
+    for i in range(len(keep)):
+        if keep[i]:
+            out_terminal[n] = terminal[i]
+            out_time[n] = time[i]
+            out_txid[n] = txid[i]
+            out_amount[n] = amount[i]
+            out_avg30[n] = avg30[i]
+            n += 1
