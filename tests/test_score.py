@@ -243,7 +243,17 @@ def test_attributions_add_up_to_the_logit_above_the_average_transaction(tmp_path
     torch.manual_seed(2)
     loaded = Loaded("v", cfg, scorer_for(cfg, InputTransform.fit(torch.from_numpy(frame.x)), build_model(cfg)).eval())
     rows = np.array([0, 7, 50, 199])
-    attr, logit, base = integrated_gradients(loaded, frame.x[rows], history, rows)
+    # a few hundred rows run single-threaded (intra-op threads' barriers cost ten times the work
+    # beside the scores' write), and the process's thread count is given back afterwards
+    seen, before = [], torch.get_num_threads()
+    hook = loaded.scorer.model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    torch.set_num_threads(2)
+    try:
+        attr, logit, base = integrated_gradients(loaded, frame.x[rows], history, rows)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
     assert attr.shape == (4, len(MODEL_INPUTS))
     np.testing.assert_allclose(1 / (1 + np.exp(-logit)), predict(loaded, frame, history)[rows], rtol=1e-5)
     gap = logit - base
