@@ -492,6 +492,26 @@ def test_history_rows_older_than_a_cards_last_k_are_not_sorted_and_the_history_i
     assert (source < len(history)).any() and (source >= len(history)).any()  # history and same-day rows
 
 
+@pytest.mark.parametrize("step,keys", [(1_000_000, 50), (1_000, 50), (1, 50), (1, 2**40)],
+                         ids=["seconds", "milliseconds", "microseconds", "codes-overflow"])
+def test_rows_ordered_by_key_time_and_id_as_a_three_key_sort_orders_them(step, keys):
+    """The packed-word order of a subset of rows (the compiled passes) equals a three-key sort of
+    those rows at each time unit, same-instant ties ordered by id, and so does the fallback taken
+    when the (key, time) code and the row number do not fit one word."""
+    rng = np.random.default_rng(7)
+    n = 30_000
+    key = rng.integers(0, keys, n)
+    time = 1_500_000_000_000_000 + rng.integers(0, 2_000, n) * step + (rng.integers(0, 10**9) if step == 1 else 0)
+    txid = rng.permutation(n) + 10**6
+    rows = np.sort(rng.choice(n, 20_000, replace=False))
+    order, sorted_key, sorted_time = D.order_rows_by_key_time(rows, key, time, txid)
+    expected = rows[np.lexsort((txid[rows], time[rows], key[rows]))]
+    assert np.array_equal(order, expected)
+    assert np.array_equal(sorted_key, key[expected]) and np.array_equal(sorted_time, time[expected])
+    tied = (sorted_key[1:] == sorted_key[:-1]) & (sorted_time[1:] == sorted_time[:-1])
+    assert tied.any() or keys > n  # same-instant ties were there to order
+
+
 def test_the_history_loops_compiled_ahead_are_the_ones_a_lake_read_runs(lake):
     """``compile_history_loops`` (run by the image build) compiles every one of the history's loops
     for the array types that scoring and training from the lake pass them: reading a day's history

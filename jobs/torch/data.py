@@ -593,6 +593,36 @@ def order_by_key_time(key: np.ndarray, time: np.ndarray, txid: np.ndarray) -> Ke
     return KeyTimeOrder(order, key[order], time[order], None)
 
 
+def order_rows_by_key_time(rows: np.ndarray, key: np.ndarray, time: np.ndarray, txid: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``rows`` (ascending row numbers) ordered by (key, time, transaction id): (the rows in that
+    order, their keys, their times).
+
+    Where the (key, time) code and the row number fit one 64-bit word together, each row's word is
+    built in one compiled pass (no gathered copies of the three columns), the words are sorted as
+    plain values and split again in a second pass; rows of one key at one instant (rare) are then
+    ordered by id. Otherwise :func:`order_by_key_time` sorts the rows' values.
+    """
+    n = len(rows)
+    if n:
+        key_min, key_max, time_min, time_max, unit = kernels.key_time_bounds(rows, key, time)
+        span = time_max // unit - time_min // unit + 2  # row offsets 1 .. span - 1, as order_by_key_time's
+        row_bits = max(1, int(rows[-1]).bit_length())
+        if ((key_max - key_min + 1) * span).bit_length() + row_bits <= 64:
+            words = kernels.key_time_words(rows, key, time, key_min, time_min, unit, span, row_bits)
+            words.sort()
+            order, sorted_key, sorted_time, tied = kernels.unpack_words(words, key_min, time_min, unit, span, row_bits)
+            if tied.any():
+                run = np.zeros(n, dtype=bool)
+                run[1:] |= tied
+                run[:-1] |= tied
+                at = np.flatnonzero(run)
+                order[at] = order[at][np.lexsort((txid[order[at]], sorted_time[at], sorted_key[at]))]
+            return order, sorted_key, sorted_time
+    by = order_by_key_time(key[rows], time[rows], txid[rows])
+    return rows[by.order], by.key, by.time
+
+
 def gather_inputs(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``x[rows]`` for a 2-D tensor, row-major or laid out by column (then a column at a time, each
     a forward walk when the rows ascend): a [len(rows), F] tensor, of either layout."""
@@ -675,25 +705,20 @@ def build_history(target: FeatureFrame, history: FeatureFrame, k: int, pool: Fea
     # the history rows that can be looked back at: of the targets' cards, among their last k
     rows = (history_rows_that_count(pool.card[:n_hist], pool.time_us[:n_hist], target.card, k,
                                     int(target.time_us.min()) // MICROS_PER_DAY) if len(target) else None)
-    if rows is None:
-        by = order_by_key_time(pool.card, pool.time_us, pool.txid)
-        order = by.order
-    else:
-        rows = np.r_[rows, np.arange(n_hist, len(pool))]
-        by = order_by_key_time(pool.card[rows], pool.time_us[rows], pool.txid[rows])
-        order = rows[by.order]  # pool row numbers, in (card, time, id) order
+    rows = np.arange(len(pool)) if rows is None else np.r_[rows, np.arange(n_hist, len(pool))]
+    order, sorted_card, sorted_time = order_rows_by_key_time(rows, pool.card, pool.time_us, pool.txid)
     at = np.flatnonzero(order >= n_hist)  # the sorted positions holding target rows, ascending
     # a target's previous rows sit just before it in the sorted order (a walk over neighbours, in
     # cache); the pool keeps just the rows some target looks back at (about 4 in 10 of a week's rows
     # at one row a card a day), in their order as read, which the scorer's gathers walk forwards
     pieces = _spans(len(at), _SHARED_PIECES)
     kept = np.zeros(len(pool), dtype=bool)
-    shared.run([lambda a=a, b=b: kernels.mark_looked_at(order, by.key, at, a, b, k, kept) for a, b in pieces])
+    shared.run([lambda a=a, b=b: kernels.mark_looked_at(order, sorted_card, at, a, b, k, kept) for a, b in pieces])
     rank = kernels.ranks_of_kept(kept)
     pool_rows = np.flatnonzero(kept)
     prev = np.empty((len(at), k), dtype=np.int64)
     gap = np.empty((len(at), k), dtype=np.float32)
-    shared.run([lambda a=a, b=b: kernels.link_previous(order, by.key, by.time, at, a, b, n_hist, rank, prev, gap)
+    shared.run([lambda a=a, b=b: kernels.link_previous(order, sorted_card, sorted_time, at, a, b, n_hist, rank, prev, gap)
                 for a, b in pieces])  # each piece writes its own targets' rows
     return CardHistory(prev=prev, gap_days=gap, pool_rows=pool_rows, source=pool.x)
 

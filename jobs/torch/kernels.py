@@ -194,3 +194,77 @@ def copy_kept_rows(keep: np.ndarray, terminal: np.ndarray, time: np.ndarray, txi
             out_amount[n] = amount[i]
             out_avg30[n] = avg30[i]
             n += 1
+
+
+@njit(**_COMPILE)
+def key_time_bounds(rows: np.ndarray, key: np.ndarray, time: np.ndarray) -> tuple[int, int, int, int, int]:
+    """Over ``rows``: (smallest key, largest key, earliest time, latest time, the time unit): the
+    coarsest of a second and a millisecond (in microseconds) that every time's offset from the
+    earliest is a whole number of, else 1. (The divisors are written out: a constant one compiles
+    to a multiplication, a variable one to a division ten times slower.)"""
+    k0 = k1 = key[rows[0]]
+    t0 = t1 = time[rows[0]]
+    for r in rows:
+        k0, k1 = min(k0, key[r]), max(k1, key[r])
+        t0, t1 = min(t0, time[r]), max(t1, time[r])
+    whole = True
+    for r in rows:
+        if (time[r] - t0) % 1_000_000:
+            whole = False
+            break
+    if whole:
+        return k0, k1, t0, t1, 1_000_000
+    for r in rows:
+        if (time[r] - t0) % 1_000:
+            return k0, k1, t0, t1, 1
+    return k0, k1, t0, t1, 1_000
+
+
+@njit(**_COMPILE)
+def key_time_words(rows: np.ndarray, key: np.ndarray, time: np.ndarray, key_min: int, time_min: int, unit: int,
+                   span: int, row_bits: int) -> np.ndarray:
+    """Per row r of ``rows``: one uint64 word, the (key, time) code ``(key - key_min) * span +
+    (time - time_min) // unit + 1`` above ``row_bits`` bits holding r itself: sorted as plain values,
+    the words put the rows in (key, time, row) order (the caller checks that the bits fit)."""
+    words = np.empty(len(rows), dtype=np.uint64)
+    shift = np.uint64(row_bits)
+    for i in range(len(rows)):
+        r = rows[i]
+        offset = time[r] - time_min
+        if unit == 1_000_000:
+            offset //= 1_000_000
+        elif unit == 1_000:
+            offset //= 1_000
+        code = (key[r] - key_min) * span + offset + 1
+        words[i] = (np.uint64(code) << shift) | np.uint64(r)
+    return words
+
+
+@njit(**_COMPILE)
+def unpack_words(words: np.ndarray, key_min: int, time_min: int, unit: int, span: int, row_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted words (:func:`key_time_words`) -> (the rows in that order, their keys, their times,
+    whether each position holds the same key and time as the next one). The codes ascend, so the
+    key slot is divided out once per key, not once per row."""
+    n = len(words)
+    order = np.empty(n, dtype=np.int64)
+    sorted_key = np.empty(n, dtype=np.int64)
+    sorted_time = np.empty(n, dtype=np.int64)
+    tied = np.zeros(max(n - 1, 0), dtype=np.bool_)
+    shift = np.uint64(row_bits)
+    mask = np.uint64((1 << row_bits) - 1)
+    slot, slot_start, next_start = -1, 0, 0  # the current key slot's codes: slot_start .. next_start - 1
+    last = -1
+    for p in range(n):
+        w = words[p]
+        code = np.int64(w >> shift)
+        order[p] = np.int64(w & mask)
+        if code >= next_start:
+            slot = code // span
+            slot_start = slot * span
+            next_start = slot_start + span
+        sorted_key[p] = slot + key_min
+        sorted_time[p] = (code - slot_start - 1) * unit + time_min
+        if p and code == last:
+            tied[p - 1] = True
+        last = code
+    return order, sorted_key, sorted_time, tied
