@@ -512,6 +512,20 @@ def test_rows_ordered_by_key_time_and_id_as_a_three_key_sort_orders_them(step, k
     assert tied.any() or keys > n  # same-instant ties were there to order
 
 
+@pytest.mark.parametrize("queries", ["ascending", "random", "negative"])
+def test_search_sorted_answers_as_numpy_for_queries_in_any_order(queries):
+    """The galloping search over sorted queries (packed words, or an argsort where a query is
+    negative) gives ``np.searchsorted``'s answer on both sides, duplicates and out-of-range values
+    included."""
+    rng = np.random.default_rng(3)
+    a = np.sort(rng.integers(0, 50_000, 200_000))
+    v = rng.integers(-10 if queries == "negative" else 0, 60_000, 30_000)
+    if queries == "ascending":
+        v.sort()
+    for side in ("left", "right"):
+        assert np.array_equal(D.search_sorted(a, v, side), np.searchsorted(a, v, side=side))
+
+
 def test_the_history_loops_compiled_ahead_are_the_ones_a_lake_read_runs(lake):
     """``compile_history_loops`` (run by the image build) compiles every one of the history's loops
     for the array types that scoring and training from the lake pass them: reading a day's history

@@ -167,15 +167,20 @@ def labels_as_of(ids: np.ndarray, reported: np.ndarray, labels: np.ndarray, txid
 
 
 @njit(**_COMPILE)
-def mark_rows_in(terminal: np.ndarray, time: np.ndarray, wanted: np.ndarray, low: int, bound: int,
+def mark_rows_in(terminal: np.ndarray, time: np.ndarray, wanted_bits: np.ndarray, low: int, bound: int,
                  keep: np.ndarray) -> int:
-    """``keep[i]``: row i is at or before ``bound`` and its terminal is wanted (``wanted[terminal -
-    low]``, a lookup table; an empty table wants every terminal). Returns how many are kept."""
-    every = len(wanted) == 0
+    """``keep[i]``: row i is at or before ``bound`` and its terminal is wanted: bit ``terminal - low``
+    of ``wanted_bits`` (a lookup table packed eight to a byte, little bit order, so that it stays in
+    the core's cache; an empty table wants every terminal). Returns how many are kept."""
+    every = len(wanted_bits) == 0
     n = 0
     for i in range(len(terminal)):
-        keep[i] = time[i] <= bound and (every or wanted[terminal[i] - low])
-        n += keep[i]
+        ok = time[i] <= bound
+        if ok and not every:
+            slot = terminal[i] - low
+            ok = (wanted_bits[slot >> 3] >> (slot & 7)) & 1 == 1
+        keep[i] = ok
+        n += ok
     return n
 
 
@@ -268,3 +273,29 @@ def unpack_words(words: np.ndarray, key_min: int, time_min: int, unit: int, span
             tied[p - 1] = True
         last = code
     return order, sorted_key, sorted_time, tied
+
+
+@njit(**_COMPILE)
+def search_ascending(a: np.ndarray, v: np.ndarray, right: bool, out: np.ndarray) -> None:
+    """``np.searchsorted(a, v, side)`` for ascending queries ``v``: each search gallops forwards from
+    the previous answer (steps of 1, 2, 4, ... then a binary search), a walk through ``a`` instead of
+    a full binary search per query."""
+    n = len(a)
+    pos = 0
+    for j in range(len(v)):
+        q = v[j]
+        lo, step = pos, 1
+        hi = lo
+        while hi < n and (a[hi] <= q if right else a[hi] < q):
+            lo = hi + 1
+            hi = lo + step
+            step *= 2
+        hi = min(hi, n)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if a[mid] <= q if right else a[mid] < q:
+                lo = mid + 1
+            else:
+                hi = mid
+        out[j] = lo
+        pos = lo
