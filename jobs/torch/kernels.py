@@ -59,15 +59,13 @@ def mark_looked_at(order: np.ndarray, sorted_key: np.ndarray, at: np.ndarray, a:
 
 
 @njit(**_COMPILE)
-def ranks_of_kept(kept: np.ndarray) -> np.ndarray:
-    """Each row's rank among the kept rows: how many rows before it are kept."""
-    rank = np.empty(len(kept), dtype=np.int64)
+def ranks_of_kept(kept: np.ndarray, rank: np.ndarray) -> None:
+    """``rank[i]``: how many rows before row i are kept."""
     n = 0
     for i in range(len(kept)):
         rank[i] = n
         if kept[i]:
             n += 1
-    return rank
 
 
 @njit(**_COMPILE)
