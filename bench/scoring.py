@@ -177,7 +177,8 @@ def main(flags: list[str]) -> int:
             f"shared cores: start {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, end {end[0]:.1f}/{end[1]:.1f}/"
             f"{end[2]:.1f} (a shared machine: figures are noisy). The scorer, like the floor, is timed as the best of "
             "3 runs in the same process (each loads the model from the registry and republishes the day); the "
-            "first run, which also pays the process's first allocations and torch's thread start, is beside it. "
+            "first run, which also pays the process's first allocations and torch's thread start, is beside it "
+            "(and, where numba's on-disk cache is empty, the compiling of the history's loops: about 2 s once). "
             "MLP: the reference architecture (one hidden layer of 500); seq: the product default, a GRU over the "
             "card's previous 5 rows plus the terminal's last 5 matured rows, reading the 14 days before and the "
             "clean labels of D-14 .. D-7 as well, as the floor does (`rows` counts the scored day only).")
