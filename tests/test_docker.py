@@ -219,3 +219,21 @@ def test_compose_volumes_are_named_and_ports_bound_to_localhost(compose):
             assert volume["type"] == "volume" and volume["source"] in declared, (name, volume)  # no host folders
         for port in service.get("ports", []):
             assert port["host_ip"] == "127.0.0.1", (name, port)
+
+
+def test_both_torch_images_compile_the_history_loops_into_a_cache_their_user_owns(dockerfile):
+    """numba caches the compiled history loops on disk: each image compiles them at build time, as
+    the user its steps run as, into ``NUMBA_CACHE_DIR`` (created for that user in the base), so a
+    step loads them instead of compiling them in every container."""
+    env = " ".join(a for i, a in dockerfile if i == "ENV")
+    cache = re.search(r"NUMBA_CACHE_DIR=(\S+)", env).group(1)
+    base = " ".join(a for i, a in _stages(dockerfile)["base"] if i == "RUN")
+    assert '"${NUMBA_CACHE_DIR}"' in base.split("mkdir -p", 1)[1].split("&&")[0]
+    assert '"${NUMBA_CACHE_DIR}"' in base.split("chown -R", 1)[1]
+    assert cache.startswith("/") and not cache.startswith("/opt/fraud")  # not in the source tree the build copies
+    for name in ("airflow", "trainer"):
+        stage = _stages(dockerfile)[name]
+        user = stage.index(("USER", "airflow"))
+        compiled = [n for n, (i, a) in enumerate(stage) if i == "RUN" and "compile_history_loops()" in a]
+        assert compiled and compiled[0] > user, name  # as the steps' user, after the code is copied
+        assert max(n for n, (i, a) in enumerate(stage) if i == "COPY") < compiled[0]
