@@ -849,18 +849,18 @@ def compile_history_loops() -> None:
     from jobs.torch.model import ModelConfig
     from jobs.torch.synthetic import publish_synthetic, synthetic_features
 
-    first = date(2018, 4, 1)
-    days = [first + timedelta(days=i) for i in range(16)]
-    cfg = ModelConfig(kind="seq", seq_len=5, lookback_days=7, terminal_len=5, terminal_lookback_days=14,
-                      label_delay_days=7)
+    cal = Calendar(date(2018, 4, 1))
+    cfg = ModelConfig(kind="seq", seq_len=5, lookback_days=cal.card_history_days, terminal_len=5,
+                      terminal_lookback_days=cal.terminal_history_days, label_delay_days=cal.label_delay_days)
+    reach = model_history_days(cfg.lookback_days, cfg.terminal_len, cfg.terminal_lookback_days)
+    days = cal.span(cal.first_date + timedelta(days=reach + 1), reach + 1)
     with tempfile.TemporaryDirectory() as tmp:
         lake = Lake.from_uri(Path(tmp).as_uri())
         for i, day in enumerate(days):
             publish_synthetic(lake, day, synthetic_features(day, 200, seed=i, cards=40))
-        cal = Calendar(first)
-        read_for_model(lake, days[-1:], cfg, cal)
-        read_for_model(lake, days[-3:], cfg, cal, labels_as_of=days[-1] + ONE_DAY)
-        read_for_model(lake, days[8:9], cfg, cal)
+        read_for_model(lake, days[-1:], cfg, cal)  # scoring: every history day there
+        read_for_model(lake, days[-3:], cfg, cal, labels_as_of=days[-1] + ONE_DAY)  # training: targets' labels
+        read_for_model(lake, days[cfg.lookback_days : cfg.lookback_days + 1], cfg, cal)  # no older day yet
 
 
 def model_history_days(lookback_days: int, terminal_len: int, terminal_lookback_days: int) -> int:
