@@ -532,7 +532,8 @@ def test_the_history_loops_compiled_ahead_are_the_ones_a_lake_read_runs(lake):
     and a training window's afterwards compiles nothing more."""
     from jobs.torch import kernels
 
-    loops = {name: loop for name, loop in vars(kernels).items() if hasattr(loop, "signatures")}
+    # the public loops (a private helper is compiled into its callers, not on its own)
+    loops = {name: loop for name, loop in vars(kernels).items() if hasattr(loop, "signatures") and name[0] != "_"}
     assert len(loops) >= 8
     D.compile_history_loops()
     compiled = {name: list(loop.signatures) for name, loop in loops.items()}

@@ -15,8 +15,31 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from jobs.common.calendar import MICROS_PER_DAY
+
 _COMPILE = {"nogil": True, "cache": True}
-MICROS_PER_DAY_F = 86_400_000_000.0  # float: the gap in days is a float64 division, as numpy's
+MICROS_PER_DAY_F = float(MICROS_PER_DAY)  # float: the gap in days is a float64 division, as numpy's
+
+
+@njit(**_COMPILE)
+def _gallop(a: np.ndarray, q, lo: int, right: bool) -> int:
+    """The first position at or after ``lo`` whose value is past ``q`` (``> q`` if ``right``, else
+    ``>= q``) in ascending ``a``, all before ``lo`` known not to be: steps of 1, 2, 4, ... forwards,
+    then a binary search in the last step."""
+    n = len(a)
+    hi, step = lo, 1
+    while hi < n and (a[hi] <= q if right else a[hi] < q):
+        lo = hi + 1
+        hi = lo + step
+        step *= 2
+    hi = min(hi, n)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[mid] <= q if right else a[mid] < q:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 @njit(**_COMPILE)
@@ -132,29 +155,14 @@ def labels_as_of(ids: np.ndarray, reported: np.ndarray, labels: np.ndarray, txid
 
     The events are ordered by (id, reported time, label), so at one instant a fraud report comes
     after a clearance and wins. Queries in ascending order (the callers sort them) each start from
-    the previous one's place with a galloping search: a walk forwards through the events.
+    the previous one's place (:func:`_gallop`): a walk forwards through the events.
     """
     n = len(ids)
     pos = 0
     last = np.iinfo(np.int64).min
     for j in range(len(txids)):
         q = txids[j]
-        if q >= last:  # from the previous answer: steps of 1, 2, 4, ... then a binary search
-            lo, step = pos, 1
-            hi = lo
-            while hi < n and ids[hi] < q:
-                lo = hi + 1
-                hi = lo + step
-                step *= 2
-            hi = min(hi, n)
-        else:
-            lo, hi = 0, n
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if ids[mid] < q:
-                lo = mid + 1
-            else:
-                hi = mid
+        lo = _gallop(ids, q, pos if q >= last else 0, False)  # from the previous answer
         pos, last = lo, q
         i, latest = lo, -1
         while i < n and ids[i] == q and reported[i] <= at[j]:
@@ -244,7 +252,8 @@ def key_time_words(rows: np.ndarray, key: np.ndarray, time: np.ndarray, key_min:
 
 
 @njit(**_COMPILE)
-def unpack_words(words: np.ndarray, key_min: int, time_min: int, unit: int, span: int, row_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def unpack_words(words: np.ndarray, key_min: int, time_min: int, unit: int, span: int, row_bits: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Sorted words (:func:`key_time_words`) -> (the rows in that order, their keys, their times,
     whether each position holds the same key and time as the next one). The codes ascend, so the
     key slot is divided out once per key, not once per row."""
@@ -276,24 +285,9 @@ def unpack_words(words: np.ndarray, key_min: int, time_min: int, unit: int, span
 @njit(**_COMPILE)
 def search_ascending(a: np.ndarray, v: np.ndarray, right: bool, out: np.ndarray) -> None:
     """``np.searchsorted(a, v, side)`` for ascending queries ``v``: each search gallops forwards from
-    the previous answer (steps of 1, 2, 4, ... then a binary search), a walk through ``a`` instead of
-    a full binary search per query."""
-    n = len(a)
+    the previous answer (:func:`_gallop`), a walk through ``a`` instead of a full binary search per
+    query."""
     pos = 0
     for j in range(len(v)):
-        q = v[j]
-        lo, step = pos, 1
-        hi = lo
-        while hi < n and (a[hi] <= q if right else a[hi] < q):
-            lo = hi + 1
-            hi = lo + step
-            step *= 2
-        hi = min(hi, n)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if a[mid] <= q if right else a[mid] < q:
-                lo = mid + 1
-            else:
-                hi = mid
-        out[j] = lo
-        pos = lo
+        pos = _gallop(a, v[j], pos, right)
+        out[j] = pos
